@@ -1,0 +1,58 @@
+# posflow: the two commands of the README, and their parts.
+#   make demo   set everything up, start the real local stack, run a round trip through it
+#   make test   set everything up, start the stack, lint, type-check and run the whole suite
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test install stack-up stack-down lint typecheck unit integration clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "posflow: error: Python 3.11+ is needed as '$(PYTHON)' -- fix: install python3.11 or run make PYTHON=/path/to/python3.11" >&2; exit 1; }
+	@$(PYTHON) -m venv --help >/dev/null 2>&1 || apt-get install -y -q python3-venv
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+install: $(STAMP)
+
+stack-up: install
+	$(BIN)/posflow stack up
+
+stack-down: install
+	$(BIN)/posflow stack down
+
+demo: stack-up
+	$(BIN)/posflow stack status
+	$(BIN)/posflow stack check
+	@echo
+	@echo "The stack is running. Look at:"
+	@echo "  Prometheus  http://127.0.0.1:19090/targets"
+	@echo "  Kafka       127.0.0.1:19092  (kcat -b 127.0.0.1:19092 -L)"
+	@echo "  PostgreSQL  psql 'host=127.0.0.1 port=15432 dbname=posflow user=posflow password=posflow-dev'"
+	@echo "  Mosquitto   127.0.0.1:11883  (accounts in .stack/mosquitto/passwd)"
+	@echo "Stop it with: $(BIN)/posflow stack down"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+	$(BIN)/mypy tests
+
+unit: install
+	$(BIN)/pytest tests/unit
+
+integration: stack-up
+	$(BIN)/pytest tests/integration
+
+test: stack-up lint typecheck
+	$(BIN)/pytest
+
+clean: stack-down
+	rm -rf .stack $(VENV)

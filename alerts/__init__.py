@@ -1,0 +1,3 @@
+"""Proactive support alerts: rules, engine, notifiers (see docs/architecture.md)."""
+
+__all__: list[str] = []

@@ -1,0 +1,144 @@
+"""The ``posflow`` command line. Later parts of the pipeline add their subcommands here."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import click
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from posflow.errors import PosflowError
+from posflow.settings import Settings
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="posflow",
+    help="posflow: real-time telemetry and cash-flow pipeline for POS terminals.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+stack_app = typer.Typer(help="The local stack: Kafka, PostgreSQL, Mosquitto, Prometheus.")
+app.add_typer(stack_app, name="stack")
+
+# A wide console when piped, so status tables stay one row per service in logs and CI.
+_out = Console(width=None if sys.stdout.isatty() else 200)
+_err = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = "POSFLOW_" + "__".join(str(p).upper() for p in first["loc"])
+        raise PosflowError(
+            f"invalid setting {where}: {first['msg']}",
+            fix=f"correct or unset the environment variable {where}",
+        ) from None
+
+
+ServiceNames = Annotated[
+    list[str] | None,
+    typer.Argument(help="services to act on (default: all): postgres kafka mosquitto prometheus"),
+]
+
+
+@stack_app.command("up")
+def stack_up(services: ServiceNames = None) -> None:
+    """Install what is missing, start each service and wait until it answers."""
+    from posflow.stack import Stack
+
+    Stack(_settings()).up(services, progress=lambda line: _out.print(f"  {line}"))
+    _out.print("[green]stack is up[/green]  (`posflow stack status` for addresses and versions)")
+
+
+@stack_app.command("down")
+def stack_down(services: ServiceNames = None) -> None:
+    """Stop the services the stack started (by pid); data stays in the stack directory."""
+    from posflow.stack import Stack
+
+    Stack(_settings()).down(services, progress=lambda line: _out.print(f"  {line}"))
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    """Each service: state, address, version, pid. Exits 1 if any is not running."""
+    from posflow.stack import Stack
+
+    rows = Stack(_settings()).status()
+    table = Table("service", "state", "address", "version", "pid", "detail")
+    for row in rows:
+        colour = "green" if row.state == "running" else "red"
+        table.add_row(
+            row.name,
+            f"[{colour}]{row.state}[/{colour}]",
+            row.address,
+            row.version,
+            str(row.pid or "-"),
+            row.detail,
+        )
+    _out.print(table)
+    if any(row.state != "running" for row in rows):
+        raise typer.Exit(1)
+
+
+@stack_app.command("check")
+def stack_check() -> None:
+    """A short round trip through every service; exits 1 if any fails."""
+    from posflow.stack.smoke import run_checks
+
+    results = run_checks(_settings())
+    for result in results:
+        mark = "[green]ok  [/green]" if result.ok else "[red]FAIL[/red]"
+        _out.print(f"  {mark} {result.service:<10} {result.what}")
+    if not all(result.ok for result in results):
+        raise typer.Exit(1)
+
+
+@stack_app.command("logs")
+def stack_logs(
+    service: Annotated[str, typer.Argument(help="postgres, kafka, mosquitto or prometheus")],
+    lines: Annotated[int, typer.Option("--lines", "-n", help="how many lines")] = 50,
+) -> None:
+    """Show the end of a service's log."""
+    from posflow.stack import Stack
+
+    print(Stack(_settings()).logs(service, lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors print one line to stderr and exit non-zero, no traceback."""
+    try:
+        # Without standalone mode click returns a command's exit code instead of exiting.
+        code = app(args=argv, standalone_mode=False)
+    except PosflowError as exc:
+        _err.print(f"posflow: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        if exc.detail:
+            _err.print(
+                "\n".join(f"  | {line}" for line in exc.detail.splitlines()),
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+        return 1
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        _err.print("posflow: aborted")
+        return 130
+    except KeyboardInterrupt:
+        return 130
+    return code if isinstance(code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

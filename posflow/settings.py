@@ -1,0 +1,132 @@
+"""The one settings object.
+
+Every service reads its configuration from :class:`Settings`, built once at
+the entry point from ``POSFLOW_``-prefixed environment variables (nested
+fields use ``__``: ``POSFLOW_KAFKA__PORT=9092``). Tests build it explicitly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = [
+    "KafkaSettings",
+    "MosquittoSettings",
+    "PostgresSettings",
+    "PrometheusSettings",
+    "ServicePorts",
+    "Settings",
+    "StackSettings",
+]
+
+_LOOPBACK = "127.0.0.1"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class StackSettings(_Section):
+    """Where the local stack keeps its data, logs, pids and downloads."""
+
+    dir: Path = Field(default=Path(".stack"), description="stack directory (data, logs, pids)")
+    cache_dir: Path | None = Field(
+        default=None,
+        description="downloads (Kafka jars, Maven repository); defaults to <dir>/cache",
+    )
+    install: bool = Field(default=True, description="install missing Debian packages with apt-get")
+    start_timeout_s: float = Field(default=90.0, gt=0, description="per service readiness wait")
+    stop_timeout_s: float = Field(default=30.0, gt=0, description="grace before SIGKILL on down")
+    java: str = Field(default="java", description="the JDK's java launcher (17 or newer)")
+    mvn: str = Field(default="mvn", description="the Maven launcher used to fetch Kafka's jars")
+
+    @property
+    def root(self) -> Path:
+        return self.dir.resolve()
+
+    @property
+    def cache(self) -> Path:
+        return (self.cache_dir or self.dir / "cache").resolve()
+
+
+class KafkaSettings(_Section):
+    host: str = _LOOPBACK
+    port: int = Field(default=19092, ge=1, le=65535)
+    controller_port: int = Field(default=19093, ge=1, le=65535)
+    version: str = Field(default="4.0.1", description="org.apache.kafka:kafka_2.13 version")
+    heap: str = Field(default="768m", description="broker JVM heap (-Xmx)")
+    default_partitions: int = Field(default=6, ge=1)
+    topic_prefix: str = Field(default="pos", description="prefix of every pipeline topic")
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class PostgresSettings(_Section):
+    host: str = _LOOPBACK
+    port: int = Field(default=15432, ge=1, le=65535)
+    database: str = "posflow"
+    user: str = "posflow"
+    password: SecretStr = SecretStr("posflow-dev")
+    bin_dir: Path = Path("/usr/lib/postgresql/15/bin")
+    os_user: str = Field(
+        default="postgres",
+        description="system account the server runs as when the stack is started by root",
+    )
+
+    def dsn(self, *, database: str | None = None) -> str:
+        """A libpq connection string (contains the password: never log it)."""
+        return (
+            f"host={self.host} port={self.port} dbname={database or self.database} "
+            f"user={self.user} password={self.password.get_secret_value()} "
+            "connect_timeout=5"
+        )
+
+
+class MosquittoSettings(_Section):
+    host: str = _LOOPBACK
+    port: int = Field(default=11883, ge=1, le=65535)
+    service_user: str = Field(default="posflow-svc", description="account of posflow's services")
+    service_password: SecretStr = SecretStr("posflow-svc-dev")
+    max_connections: int = Field(default=-1, description="-1: unlimited (bounded by nofile)")
+    max_queued_messages: int = Field(default=100_000, ge=0)
+    max_inflight_messages: int = Field(default=1_000, ge=0)
+    nofile: int = Field(default=131_072, ge=1024, description="file-descriptor limit wanted")
+
+
+class PrometheusSettings(_Section):
+    host: str = _LOOPBACK
+    port: int = Field(default=19090, ge=1, le=65535)
+    scrape_interval_s: int = Field(default=5, ge=1)
+
+
+class ServicePorts(_Section):
+    """Where posflow's own services expose /metrics and health endpoints."""
+
+    ingest: int = 9401
+    streams: int = 9402
+    alerts: int = 9403
+    api: int = 8400
+    simulator: int = 9405
+
+
+class Settings(BaseSettings):
+    """All of posflow's configuration, from ``POSFLOW_*`` environment variables."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="POSFLOW_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="forbid",
+    )
+
+    stack: StackSettings = StackSettings()
+    kafka: KafkaSettings = KafkaSettings()
+    postgres: PostgresSettings = PostgresSettings()
+    mosquitto: MosquittoSettings = MosquittoSettings()
+    prometheus: PrometheusSettings = PrometheusSettings()
+    services: ServicePorts = ServicePorts()

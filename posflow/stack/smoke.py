@@ -1,0 +1,160 @@
+"""A short round trip through every service of the running stack (`posflow stack check`).
+
+It proves the servers are real and wired as the pipeline needs them: a Kafka
+record produced (acks=all, idempotent) and consumed back, an MQTT message from
+a terminal account to the service account (and one outside the terminal's ACL
+that never arrives), a PostgreSQL write and read, Prometheus' scrape targets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+import psycopg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from paho.mqtt.enums import CallbackAPIVersion
+
+from posflow.settings import Settings
+from posflow.stack import Stack
+
+__all__ = ["CheckResult", "run_checks"]
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    service: str
+    ok: bool
+    what: str
+
+
+async def _kafka(settings: Settings) -> CheckResult:
+    topic = f"posflow.check.{secrets.token_hex(4)}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+        producer = AIOKafkaProducer(
+            bootstrap_servers=settings.kafka.bootstrap, acks="all", enable_idempotence=True
+        )
+        await producer.start()
+        try:
+            sent = await producer.send_and_wait(topic, b"hello", key=b"T-check")
+        finally:
+            await producer.stop()
+        consumer = AIOKafkaConsumer(
+            topic, bootstrap_servers=settings.kafka.bootstrap, auto_offset_reset="earliest"
+        )
+        await consumer.start()
+        try:
+            record = await asyncio.wait_for(consumer.getone(), timeout=20)
+        finally:
+            await consumer.stop()
+        ok = record.value == b"hello" and record.offset == sent.offset
+        return CheckResult("kafka", ok, f"record produced (acks=all) and consumed on {topic}")
+    finally:
+        await admin.delete_topics([topic])
+        await admin.close()
+
+
+def _mqtt(settings: Settings, stack: Stack) -> CheckResult:
+    m = settings.mosquitto
+    terminal, password = f"T-check-{secrets.token_hex(3)}", secrets.token_urlsafe(12)
+    merchant = f"M-check-{secrets.token_hex(3)}"
+    stack.mosquitto.set_users({terminal: password})
+    received: list[str] = []
+    sub = _client(m.service_user, m.service_password.get_secret_value())
+    sub.on_message = lambda _c, _u, msg: received.append(msg.topic)
+    sub.connect(m.host, m.port)
+    sub.subscribe(f"pos/v1/{merchant}/#", qos=1)
+    sub.loop_start()
+    pub = _client(terminal, password)
+    try:
+        _retry(lambda: pub.connect(m.host, m.port) == 0 and _loop_connected(pub), 10)
+        own = f"pos/v1/{merchant}/{terminal}/telemetry"
+        foreign = f"pos/v1/{merchant}/T-someone-else/telemetry"
+        pub.publish(foreign, json.dumps({"probe": "foreign"}), qos=1).wait_for_publish(5)
+        pub.publish(own, json.dumps({"probe": "own"}), qos=1).wait_for_publish(5)
+        _retry(lambda: own in received, 5)
+    finally:
+        pub.disconnect()
+        sub.loop_stop()
+        sub.disconnect()
+        stack.mosquitto.remove_users([terminal])
+    ok = received == [own]
+    return CheckResult(
+        "mosquitto", ok, f"terminal {terminal} published; ACL held off a foreign topic"
+    )
+
+
+def _client(user: str, password: str) -> mqtt.Client:
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=f"posflow-check-{secrets.token_hex(4)}",
+        protocol=mqtt.MQTTv5,
+    )
+    client.username_pw_set(user, password)
+    return client
+
+
+def _loop_connected(client: mqtt.Client) -> bool:
+    deadline = time.monotonic() + 3
+    while not client.is_connected() and time.monotonic() < deadline:
+        client.loop(timeout=0.1)
+    if client.is_connected():
+        client.loop_start()
+    return client.is_connected()
+
+
+def _retry(probe: Callable[[], bool], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if probe():
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+
+
+def _postgres(settings: Settings) -> CheckResult:
+    with psycopg.connect(settings.postgres.dsn()) as conn:
+        conn.execute("CREATE TEMP TABLE posflow_check (id int PRIMARY KEY, amount_minor bigint)")
+        conn.execute("INSERT INTO posflow_check VALUES (1, 1234)")
+        row = conn.execute("SELECT amount_minor FROM posflow_check WHERE id = 1").fetchone()
+        version = conn.info.server_version
+    ok = row == (1234,)
+    return CheckResult("postgres", ok, f"psycopg 3 write and read (server {version})")
+
+
+def _prometheus(settings: Settings) -> CheckResult:
+    url = f"http://{settings.prometheus.host}:{settings.prometheus.port}/api/v1/targets"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        body = json.load(resp)
+    jobs = sorted({t["labels"]["job"] for t in body["data"]["activeTargets"]})
+    return CheckResult("prometheus", "prometheus" in jobs, f"scrape targets: {', '.join(jobs)}")
+
+
+def run_checks(settings: Settings) -> list[CheckResult]:
+    """Run every check; one failing does not hide the others."""
+    stack = Stack(settings)
+    results = []
+    checks: list[tuple[str, Callable[[], CheckResult]]] = [
+        ("kafka", lambda: asyncio.run(_kafka(settings))),
+        ("mosquitto", lambda: _mqtt(settings, stack)),
+        ("postgres", lambda: _postgres(settings)),
+        ("prometheus", lambda: _prometheus(settings)),
+    ]
+    for name, check in checks:
+        try:
+            results.append(check())
+        except Exception as exc:
+            results.append(CheckResult(name, ok=False, what=f"{type(exc).__name__}: {exc}"))
+    return results
