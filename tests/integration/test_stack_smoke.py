@@ -9,12 +9,12 @@ import urllib.request
 from collections.abc import Callable, Iterator
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 import psycopg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from paho.mqtt.enums import CallbackAPIVersion
 from psycopg import sql
 
 from posflow.settings import Settings
