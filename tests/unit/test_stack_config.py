@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from posflow.errors import PosflowError
-from posflow.settings import KafkaSettings, Settings
+from posflow.settings import KafkaSettings, PrometheusSettings, ServicePorts, Settings
 from posflow.stack._process import check_port_free, log_tail, wait_until
 from posflow.stack.mosquitto import mosquitto_password_hash, render_acl, render_config
 from posflow.stack.prometheus import render_prometheus_config
@@ -67,7 +67,8 @@ def test_mosquitto_config_refuses_anonymous_and_raises_queue_limits(tmp_path: Pa
 
 
 def test_prometheus_config_scrapes_every_posflow_service() -> None:
-    config = json.loads(render_prometheus_config(Settings()))
+    settings = Settings(prometheus=PrometheusSettings(port=19090), services=ServicePorts())
+    config = json.loads(render_prometheus_config(settings))
     targets = {
         job["job_name"]: job["static_configs"][0]["targets"] for job in config["scrape_configs"]
     }
