@@ -43,7 +43,7 @@ lint: install
 
 typecheck: install
 	$(BIN)/mypy
-	$(BIN)/mypy tests
+	$(BIN)/mypy tests benchmarks
 
 unit: install
 	$(BIN)/pytest tests/unit

@@ -1,3 +1,7 @@
 """MQTT -> Kafka ingest bridge (see docs/architecture.md)."""
 
-__all__: list[str] = []
+from ingest.bridge import Bridge
+from ingest.metrics import BridgeMetrics
+from ingest.service import IngestService, build
+
+__all__ = ["Bridge", "BridgeMetrics", "IngestService", "build"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import click
@@ -25,6 +26,8 @@ app = typer.Typer(
 )
 stack_app = typer.Typer(help="The local stack: Kafka, PostgreSQL, Mosquitto, Prometheus.")
 app.add_typer(stack_app, name="stack")
+contracts_app = typer.Typer(help="The wire contracts terminals and services share.")
+app.add_typer(contracts_app, name="contracts")
 
 # A wide console when piped, so status tables stay one row per service in logs and CI.
 _out = Console(width=None if sys.stdout.isatty() else 200)
@@ -110,6 +113,31 @@ def stack_logs(
     from posflow.stack import Stack
 
     print(Stack(_settings()).logs(service, lines))
+
+
+@contracts_app.command("export-schemas")
+def contracts_export(
+    out: Annotated[Path, typer.Option("--out", help="directory to write into")] = Path(
+        "docs/schemas"
+    ),
+) -> None:
+    """Write the JSON Schema of every terminal payload (for terminal vendors)."""
+    from posflow.contracts import export_schemas
+
+    for path in export_schemas(out):
+        _out.print(f"  wrote {path}")
+
+
+@app.command("ingest")
+def ingest_run() -> None:
+    """Run the MQTT -> Kafka bridge until SIGTERM (then it drains and exits)."""
+    import asyncio
+
+    from ingest import build
+    from posflow.logs import configure_logging
+
+    configure_logging()
+    asyncio.run(build(_settings()).run())
 
 
 def main(argv: list[str] | None = None) -> int:

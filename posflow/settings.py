@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
+    "IngestSettings",
     "KafkaSettings",
     "MosquittoSettings",
     "PostgresSettings",
@@ -104,6 +105,29 @@ class PrometheusSettings(_Section):
     scrape_interval_s: int = Field(default=5, ge=1)
 
 
+class IngestSettings(_Section):
+    """The MQTT -> Kafka bridge."""
+
+    client_id: str = Field(
+        default="posflow-ingest-1",
+        description="MQTT client id; keep it stable per instance so its session survives restarts",
+    )
+    share_group: str = Field(default="ingest", description="MQTT v5 shared-subscription group")
+    topic_filter: str = Field(default="pos/v1/+/+/+", description="what the bridge subscribes to")
+    max_inflight: int = Field(
+        default=2000, ge=1, le=65535, description="messages received but not yet acked by Kafka"
+    )
+    max_payload_bytes: int = Field(default=65_536, ge=256)
+    session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0)
+    linger_ms: int = Field(default=5, ge=0, description="Kafka producer batching delay")
+    drain_timeout_s: float = Field(default=30.0, gt=0)
+    retry_backoff_s: float = Field(default=0.5, gt=0)
+    kafka_stall_s: float = Field(
+        default=5.0, gt=0, description="no Kafka acknowledgement for this long: not ready"
+    )
+    metrics_host: str = _LOOPBACK
+
+
 class ServicePorts(_Section):
     """Where posflow's own services expose /metrics and health endpoints."""
 
@@ -130,3 +154,4 @@ class Settings(BaseSettings):
     mosquitto: MosquittoSettings = MosquittoSettings()
     prometheus: PrometheusSettings = PrometheusSettings()
     services: ServicePorts = ServicePorts()
+    ingest: IngestSettings = IngestSettings()

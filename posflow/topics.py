@@ -34,7 +34,7 @@ def pipeline_topics(kafka: KafkaSettings) -> list[TopicSpec]:
         TopicSpec(
             f"{p}.telemetry.v1",
             n,
-            {**keep, "retention.ms": str(7 * _DAY_MS), "compression.type": "zstd"},
+            {**keep, "retention.ms": str(7 * _DAY_MS)},
             "terminal telemetry envelopes, keyed by terminal id",
         ),
         TopicSpec(
