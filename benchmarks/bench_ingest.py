@@ -6,9 +6,12 @@ persistent session is offline, then the subscriber connects and the time to
 drain them is measured. That measures the subscriber, not the publisher.
 
 Phases, in one run on the same machine:
-  bare     a paho subscriber that only counts messages (the ceiling)
-  bridge   one bridge: validate, produce to Kafka (acks=all), PUBACK after ack
-  bridge2  two bridge processes on one shared subscription (scale-out)
+  bare       a plain paho subscriber (its own network thread) that only counts
+  bare-fast  the bridge's MQTT client path (ingest/_mqtt.py) that only counts
+  bridge     one bridge: validate, produce to Kafka (acks=all), PUBACK after ack
+  bridge2    two bridge processes on one shared subscription (scale-out)
+  live       one bridge under a steady publisher (--rate msgs/s): produce latency
+             without a backlog (the drain phases measure it behind a full window)
 
 Usage:
   .venv/bin/python benchmarks/bench_ingest.py --messages 60000 --terminals 2000
@@ -37,6 +40,7 @@ from paho.mqtt.properties import Properties
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ingest import Bridge, BridgeMetrics
+from ingest._mqtt import BufferedClient, LoopDriver
 from posflow.settings import IngestSettings, KafkaSettings, Settings
 from posflow.stack import ensure_topics
 
@@ -154,6 +158,48 @@ def _bare(settings: Settings, client_id: str, messages: int, out: mp.Queue) -> N
     out.put({"count": count, "seconds": last - started, "first_after_s": first - started})
 
 
+def _bare_fast(settings: Settings, client_id: str, messages: int, out: mp.Queue) -> None:  # type: ignore[type-arg]
+    asyncio.run(_run_bare_fast(settings, client_id, messages, out))
+
+
+async def _run_bare_fast(
+    settings: Settings,
+    client_id: str,
+    messages: int,
+    out: mp.Queue,  # type: ignore[type-arg]
+) -> None:
+    count = 0
+
+    def on_publish(_topic: str, _payload: bytes, qos: int, mid: int) -> None:
+        nonlocal count
+        count += 1
+        if qos:
+            acks.append(mid)
+
+    acks: list[int] = []
+    client = BufferedClient(
+        CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=True
+    )
+    m = settings.mosquitto
+    client.username_pw_set(m.service_user, m.service_password.get_secret_value())
+    client.on_message = lambda _c, _u, msg: on_publish(
+        msg.topic, bytes(msg.payload), msg.qos, msg.mid
+    )
+    driver = LoopDriver(client, on_publish, lambda: 2000)
+    started = time.monotonic()
+    client.connect(m.host, m.port, clean_start=False, properties=_session_props())
+    deadline = started + TIME_LIMIT_S
+    while count < messages and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+        client.send_pubacks(acks)
+        acks.clear()
+    seconds = time.monotonic() - started
+    client.disconnect()
+    client.loop_write()
+    await driver.stop()
+    out.put({"count": count, "seconds": seconds})
+
+
 def _bridge_proc(settings: Settings, messages: int, out: mp.Queue) -> None:  # type: ignore[type-arg]
     asyncio.run(_run_bridge(settings, messages, out))
 
@@ -215,11 +261,47 @@ def _run_phase(
     return results
 
 
+def _live(
+    base: Settings, settings: Settings, merchant: str, args: argparse.Namespace
+) -> tuple[list[dict[str, float]], float]:
+    """Bridge running first, then a publisher paced at --rate: latency without a backlog."""
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_bridge_proc, args=(settings, args.messages, out))
+    proc.start()
+    time.sleep(2.0)  # let it connect
+    client = _client(base, f"bench-livepub-{secrets.token_hex(3)}")
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    client.connect(base.mosquitto.host, base.mosquitto.port)
+    client.loop_start()
+    started = time.monotonic()
+    step = 50
+    for first in range(0, args.messages, step):
+        for seq in range(first, min(first + step, args.messages)):
+            t = seq % args.terminals
+            client.publish(
+                f"pos/v1/{merchant}/T-{t:05d}/telemetry",
+                _payload(merchant, f"T-{t:05d}", seq),
+                qos=1,
+            )
+        ahead = started + (first + step) / args.rate - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)
+    rate = args.messages / (time.monotonic() - started)
+    result = out.get(timeout=TIME_LIMIT_S + 30)
+    proc.join(timeout=60)
+    client.disconnect()
+    client.loop_stop()
+    return [result], rate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=60_000, help="per phase (<= 100000)")
     parser.add_argument("--terminals", type=int, default=2_000)
-    parser.add_argument("--phases", default="bare,bridge,bridge2")
+    parser.add_argument("--phases", default="bare,bare-fast,bridge,bridge2,live")
+    parser.add_argument("--rate", type=int, default=5_000, help="live phase: msgs/s published")
     args = parser.parse_args()
     if not 0 < args.messages <= 100_000:
         parser.error("--messages must be 1..100000 (Mosquitto's per-client queue limit)")
@@ -233,11 +315,12 @@ def main() -> None:
         merchant = f"M-bench-{run}-{phase}"
         topic_filter = f"pos/v1/{merchant}/+/+"
         group = f"bench{run}{phase}"
-        if phase == "bare":
-            cid = f"bench-bare-{run}"
+        if phase in ("bare", "bare-fast"):
+            cid = f"bench-{phase}-{run}"
             _register_session(base, cid, f"$share/{group}/{topic_filter}")
             pub_rate = _preload(base, merchant, args.terminals, args.messages)
-            (res,) = _run_phase(_bare, [(base, cid, args.messages)])
+            target = _bare if phase == "bare" else _bare_fast
+            (res,) = _run_phase(target, [(base, cid, args.messages)])
             rows.append((phase, pub_rate, res))
             continue
         n = 2 if phase == "bridge2" else 1
@@ -259,9 +342,12 @@ def main() -> None:
         asyncio.run(ensure_topics(settings[0]))
         for s in settings:
             _register_session(s, s.ingest.client_id, f"$share/{group}/{topic_filter}")
-        pub_rate = _preload(base, merchant, args.terminals, args.messages)
         per_proc = args.messages // n
-        results = _run_phase(_bridge_proc, [(s, per_proc) for s in settings])
+        if phase == "live":
+            results, pub_rate = _live(base, settings[0], merchant, args)
+        else:
+            pub_rate = _preload(base, merchant, args.terminals, args.messages)
+            results = _run_phase(_bridge_proc, [(s, per_proc) for s in settings])
         total = {
             "count": sum(r["count"] for r in results),
             "seconds": max(r["seconds"] for r in results),
@@ -275,8 +361,12 @@ def main() -> None:
     print()
     print("| phase | processes | messages | seconds | msgs/s | produce p50 ms | p95 ms | p99 ms |")
     print("|---|---|---|---|---|---|---|---|")
-    for phase, _pub, r in rows:
+    for phase, pub, measured in rows:
         procs = 2 if phase == "bridge2" else 1
+        r = measured
+        if phase == "live":
+            # Throughput is the publisher's pace here; the latency is the point.
+            r = {**measured, "seconds": measured["count"] / pub}
         rate = r["count"] / r["seconds"] if r["seconds"] else 0
         lat = (
             f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f}"

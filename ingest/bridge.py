@@ -22,10 +22,12 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -72,6 +74,7 @@ class Bridge:
         self._driver: LoopDriver | None = None
         self._acks: list[int] = []
         self._drained = asyncio.Event()
+        self._partitioner = DefaultPartitioner()
         # Metric children looked up once, not per message.
         self._received = {k: self.metrics.received.labels(k) for k in self.topics}
         every_topic = [*self.topics.values(), self.deadletter_topic]
@@ -204,18 +207,67 @@ class Bridge:
     # --- Kafka side (asyncio loop) -----------------------------------------------------
 
     async def _send_loop(self) -> None:
-        """Hand queued records to the producer; acknowledgements arrive in callbacks.
+        """Hand queued records to the producer in batches; acks arrive in callbacks.
 
-        No task per record: ``send`` returns as soon as the record is in the
-        producer's batch, and a done-callback on its future does the rest.
+        Records are grouped per topic partition (the same murmur2 partitioning
+        as Kafka's Java client, so keys land where every other client puts
+        them) into the producer's own batch builders: one future per batch
+        instead of one coroutine and one future per record.
         """
         while True:
             await self._work.wait()
-            batch = list(self._queue)
+            records = list(self._queue)
             self._queue.clear()
             self._work.clear()
-            for record in batch:
-                await self._send(record)
+            try:
+                await self._send_batches(records)
+            except KafkaError as exc:  # metadata unavailable: one by one, with retries
+                for record in records:
+                    if id(record) not in self._pending:
+                        self._failed(record, exc)
+
+    async def _send_batches(self, records: list[PendingRecord]) -> None:
+        assert self._producer is not None  # noqa: S101 - started in start()
+        groups: dict[tuple[str, int], list[PendingRecord]] = {}
+        partitions: dict[str, list[int]] = {}
+        for record in records:
+            if record.topic not in partitions:
+                partitions[record.topic] = sorted(await self._producer.partitions_for(record.topic))
+            every = partitions[record.topic]
+            partition = self._partitioner(record.key, every, every)
+            groups.setdefault((record.topic, partition), []).append(record)
+        for (topic, partition), group in groups.items():
+            builder = self._producer.create_batch()
+            chunk: list[PendingRecord] = []
+            for record in group:
+                record.attempts += 1
+                self._pending[id(record)] = record.received
+                if builder.append(key=record.key, value=record.value, timestamp=None) is None:
+                    await self._submit(builder, topic, partition, chunk)
+                    builder, chunk = self._producer.create_batch(), []
+                    builder.append(key=record.key, value=record.value, timestamp=None)
+                chunk.append(record)
+            await self._submit(builder, topic, partition, chunk)
+
+    async def _submit(
+        self, builder: Any, topic: str, partition: int, chunk: list[PendingRecord]
+    ) -> None:
+        assert self._producer is not None  # noqa: S101
+        try:
+            future = await self._producer.send_batch(builder, topic, partition=partition)
+        except KafkaError as exc:
+            for record in chunk:
+                self._failed(record, exc)
+            return
+        future.add_done_callback(lambda f, c=chunk: self._on_batch(c, f))
+
+    def _on_batch(self, chunk: list[PendingRecord], future: asyncio.Future[object]) -> None:
+        exc = future.exception()
+        for record in chunk:
+            if exc is None:
+                self._complete(record)
+            else:
+                self._failed(record, exc)
 
     async def _send(self, record: PendingRecord) -> None:
         assert self._producer is not None  # noqa: S101 - started in start()
@@ -233,6 +285,9 @@ class Bridge:
         if exc is not None:
             self._failed(record, exc)
             return
+        self._complete(record)
+
+    def _complete(self, record: PendingRecord) -> None:
         del self._pending[id(record)]
         self._last_ack = time.monotonic()
         if not self._kafka_ok:

@@ -29,14 +29,14 @@ class IngestService:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         runner = await start_http(
-            self.settings.ingest.metrics_host,
+            self.settings.services.bind_host,
             self.settings.services.ingest,
             self.bridge.metrics.registry,
             self.bridge.is_ready,
         )
         log.info(
             "metrics on http://%s:%d/metrics",
-            self.settings.ingest.metrics_host,
+            self.settings.services.bind_host,
             self.settings.services.ingest,
         )
         try:

@@ -7,6 +7,7 @@ fields use ``__``: ``POSFLOW_KAFKA__PORT=9092``). Tests build it explicitly.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -109,7 +110,7 @@ class IngestSettings(_Section):
     """The MQTT -> Kafka bridge."""
 
     client_id: str = Field(
-        default="posflow-ingest-1",
+        default_factory=lambda: f"posflow-ingest-{socket.gethostname()}",
         description="MQTT client id; keep it stable per instance so its session survives restarts",
     )
     share_group: str = Field(default="ingest", description="MQTT v5 shared-subscription group")
@@ -125,12 +126,12 @@ class IngestSettings(_Section):
     kafka_stall_s: float = Field(
         default=5.0, gt=0, description="no Kafka acknowledgement for this long: not ready"
     )
-    metrics_host: str = _LOOPBACK
 
 
 class ServicePorts(_Section):
     """Where posflow's own services expose /metrics and health endpoints."""
 
+    bind_host: str = Field(default=_LOOPBACK, description="0.0.0.0 to serve other hosts")
     ingest: int = 9401
     streams: int = 9402
     alerts: int = 9403
