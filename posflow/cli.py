@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
@@ -14,6 +14,9 @@ from rich.table import Table
 
 from posflow.errors import PosflowError
 from posflow.settings import Settings
+
+if TYPE_CHECKING:
+    import psycopg
 
 __all__ = ["app", "main"]
 
@@ -26,6 +29,8 @@ app = typer.Typer(
 )
 stack_app = typer.Typer(help="The local stack: Kafka, PostgreSQL, Mosquitto, Prometheus.")
 app.add_typer(stack_app, name="stack")
+db_app = typer.Typer(help="The database: migrations, upkeep.")
+app.add_typer(db_app, name="db")
 contracts_app = typer.Typer(help="The wire contracts terminals and services share.")
 app.add_typer(contracts_app, name="contracts")
 
@@ -113,6 +118,45 @@ def stack_logs(
     from posflow.stack import Stack
 
     print(Stack(_settings()).logs(service, lines))
+
+
+def _connect() -> psycopg.Connection[tuple[Any, ...]]:
+    import psycopg
+
+    settings = _settings()
+    try:
+        return psycopg.connect(settings.postgres.dsn(), autocommit=True)
+    except psycopg.OperationalError as exc:
+        pg = settings.postgres
+        raise PosflowError(
+            f"cannot connect to PostgreSQL at {pg.host}:{pg.port} database {pg.database}: "
+            f"{str(exc).strip().splitlines()[0]}",
+            fix="start it (`posflow stack up postgres`) or set POSFLOW_POSTGRES__HOST/__PORT",
+        ) from None
+
+
+@db_app.command("migrate")
+def db_migrate() -> None:
+    """Apply pending migrations (safe to run twice, and from two processes at once)."""
+    from posflow.storage import detect_path, migrate
+
+    with _connect() as conn:
+        applied = migrate(conn)
+        path = detect_path(conn)
+    for migration in applied:
+        _out.print(f"  applied {migration.version:04d}_{migration.name}")
+    _out.print(f"schema up to date ({len(applied)} applied now), storage path: {path}")
+
+
+@db_app.command("maintain")
+def db_maintain() -> None:
+    """Partitions ahead, hourly rollups, retention (TimescaleDB: its policies)."""
+    from posflow.storage.setup import prepare_database
+
+    settings = _settings()
+    with _connect() as conn:
+        path = prepare_database(conn, settings.storage)
+    _out.print(f"storage maintained ({path})")
 
 
 @contracts_app.command("export-schemas")

@@ -22,6 +22,7 @@ __all__ = [
     "ServicePorts",
     "Settings",
     "StackSettings",
+    "StorageSettings",
 ]
 
 _LOOPBACK = "127.0.0.1"
@@ -128,6 +129,20 @@ class IngestSettings(_Section):
     )
 
 
+class StorageSettings(_Section):
+    """Retention, compression and partitioning of the time series."""
+
+    raw_retention_days: int = Field(default=30, ge=1, description="raw telemetry and health")
+    rollup_retention_days: int = Field(
+        default=400, ge=1, description="rollups and transactions (analytics)"
+    )
+    compress_after_days: int = Field(
+        default=2, ge=1, description="TimescaleDB: compress telemetry chunks older than this"
+    )
+    partitions_ahead_days: int = Field(default=3, ge=1, description="plain PostgreSQL")
+    partitions_behind_days: int = Field(default=2, ge=0, description="plain PostgreSQL")
+
+
 class ServicePorts(_Section):
     """Where posflow's own services expose /metrics and health endpoints."""
 
@@ -156,3 +171,4 @@ class Settings(BaseSettings):
     prometheus: PrometheusSettings = PrometheusSettings()
     services: ServicePorts = ServicePorts()
     ingest: IngestSettings = IngestSettings()
+    storage: StorageSettings = StorageSettings()

@@ -171,7 +171,8 @@ class PostgresService(StackService):
             role = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [pg.user]).fetchone()
             verb = "ALTER" if role else "CREATE"
             conn.execute(
-                sql.SQL(verb + " ROLE {} LOGIN PASSWORD {}").format(
+                # CREATEDB: tests and benchmarks make throw-away databases on the dev stack.
+                sql.SQL(verb + " ROLE {} LOGIN CREATEDB PASSWORD {}").format(
                     sql.Identifier(pg.user), sql.Literal(pg.password.get_secret_value())
                 )
             )

@@ -1,0 +1,91 @@
+"""Periodic storage upkeep on plain PostgreSQL: partitions, hourly rollups, retention.
+
+TimescaleDB does all of this with its own background jobs (chunks,
+continuous-aggregate refresh, compression and retention policies, see
+``policies.py``). On plain PostgreSQL, :func:`maintain` does the same work;
+the stream workers call it every few minutes and ``posflow db maintain``
+runs it by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+
+from posflow.storage.partitions import drop_expired_partitions, ensure_partitions
+
+__all__ = ["RetentionDays", "maintain", "refresh_hourly_rollup"]
+
+log = logging.getLogger("posflow.storage")
+
+RetentionDays = dict[str, int]
+
+# Hours behind the watermark recomputed at every refresh, for late telemetry
+# (the same role as a continuous-aggregate policy's start_offset).
+_REFRESH_GRACE = timedelta(hours=2)
+
+
+def refresh_hourly_rollup(
+    conn: psycopg.Connection[tuple[object, ...]], *, now: datetime | None = None
+) -> datetime:
+    """Materialise every closed hour from the 1-minute rollup; returns the new watermark.
+
+    Each refreshed hour is recomputed whole from its minutes, so refreshing
+    twice, or after late data, gives exact figures.
+    """
+    now = now or datetime.now(UTC)
+    upto = now.replace(minute=0, second=0, microsecond=0)  # the current hour stays live
+    with conn.transaction():
+        row = conn.execute(
+            "SELECT upto FROM rollup_watermarks WHERE rollup = 'telemetry_1h' FOR UPDATE"
+        ).fetchone()
+        previous = row[0] if row else None
+        start = previous - _REFRESH_GRACE if isinstance(previous, datetime) else upto
+        conn.execute(
+            "DELETE FROM telemetry_rollup_1h WHERE bucket >= %s AND bucket < %s", [start, upto]
+        )
+        conn.execute(
+            """
+            INSERT INTO telemetry_rollup_1h (bucket, terminal_id, merchant_id, samples,
+                battery_samples, battery_sum, battery_min, battery_max, signal_samples,
+                signal_sum, signal_min_dbm, signal_max_dbm, charging_samples)
+            SELECT date_trunc('hour', bucket, 'UTC'), terminal_id, max(merchant_id),
+                   sum(samples), sum(battery_samples), sum(battery_sum), min(battery_min),
+                   max(battery_max), sum(signal_samples), sum(signal_sum), min(signal_min_dbm),
+                   max(signal_max_dbm), sum(charging_samples)
+              FROM telemetry_rollup_1m
+             WHERE bucket >= %s AND bucket < %s
+             GROUP BY 1, terminal_id
+            """,
+            [start, upto],
+        )
+        conn.execute("UPDATE rollup_watermarks SET upto = %s WHERE rollup = 'telemetry_1h'", [upto])
+    return upto
+
+
+def maintain(
+    conn: psycopg.Connection[tuple[object, ...]],
+    retention: RetentionDays,
+    *,
+    now: datetime | None = None,
+) -> dict[str, object]:
+    """Partitions ahead, hourly rollup refreshed, expired partitions dropped."""
+    now = now or datetime.now(UTC)
+    created = ensure_partitions(conn, today=now.date())
+    watermark = refresh_hourly_rollup(conn, now=now)
+    dropped = drop_expired_partitions(conn, retention, today=now.date())
+    if created or dropped:
+        log.info("partitions created %s, dropped %s", created, dropped)
+    return {"created": created, "dropped": dropped, "rollup_1h_upto": watermark}
+
+
+def default_retention(days_raw: int, days_rollup: int) -> RetentionDays:
+    return {
+        "telemetry": days_raw,
+        "transactions": days_rollup,
+        "terminal_health": days_rollup,
+        "telemetry_rollup_1m": days_rollup,
+        "telemetry_rollup_1h": max(days_rollup, 365),
+    }

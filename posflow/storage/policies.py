@@ -1,0 +1,46 @@
+"""TimescaleDB policies: compression and retention ages from the settings.
+
+Applied after the migrations (and again whenever the settings change): each
+policy is removed and added with the configured age, so the database always
+matches the settings. On plain PostgreSQL, ``maintenance.py`` does this work.
+"""
+
+from __future__ import annotations
+
+import psycopg
+
+from posflow.settings import StorageSettings
+
+__all__ = ["apply_timescaledb_policies"]
+
+_RETENTION = {
+    "telemetry": "raw",
+    "terminal_health": "raw",
+    "transactions": "rollup",
+}
+
+
+def apply_timescaledb_policies(
+    conn: psycopg.Connection[tuple[object, ...]], storage: StorageSettings
+) -> None:
+    """Compression of raw telemetry (segment by terminal) and retention, from settings."""
+    days = {"raw": storage.raw_retention_days, "rollup": storage.rollup_retention_days}
+    with conn.transaction():
+        conn.execute("SELECT remove_compression_policy('telemetry', if_exists => true)")
+        conn.execute(
+            "SELECT add_compression_policy('telemetry',"
+            " compress_after => make_interval(days => %s))",
+            [storage.compress_after_days],
+        )
+        for table, kind in _RETENTION.items():
+            conn.execute("SELECT remove_retention_policy(%s, if_exists => true)", [table])
+            conn.execute(
+                "SELECT add_retention_policy(%s, drop_after => make_interval(days => %s))",
+                [table, days[kind]],
+            )
+        for view in ("telemetry_1m", "telemetry_1h"):
+            conn.execute("SELECT remove_retention_policy(%s, if_exists => true)", [view])
+            conn.execute(
+                "SELECT add_retention_policy(%s, drop_after => make_interval(days => %s))",
+                [view, storage.rollup_retention_days],
+            )
