@@ -29,13 +29,8 @@ stack-down: install
 demo: stack-up
 	$(BIN)/posflow stack status
 	$(BIN)/posflow stack check
-	@echo
-	@echo "The stack is running. Look at:"
-	@echo "  Prometheus  http://127.0.0.1:19090/targets"
-	@echo "  Kafka       127.0.0.1:19092  (kcat -b 127.0.0.1:19092 -L)"
-	@echo "  PostgreSQL  psql 'host=127.0.0.1 port=15432 dbname=posflow user=posflow password=posflow-dev'"
-	@echo "  Mosquitto   127.0.0.1:11883  (accounts in .stack/mosquitto/passwd)"
-	@echo "Stop it with: $(BIN)/posflow stack down"
+	$(BIN)/posflow demo
+	@echo "Stop the stack with: $(BIN)/posflow stack down"
 
 lint: install
 	$(BIN)/ruff check .

@@ -172,6 +172,14 @@ def contracts_export(
         _out.print(f"  wrote {path}")
 
 
+@app.command("demo")
+def demo() -> None:
+    """A short run through the pipeline on the running stack: MQTT, bridge, Kafka, storage."""
+    from posflow.demo import run_demo
+
+    run_demo(_settings())
+
+
 @app.command("ingest")
 def ingest_run() -> None:
     """Run the MQTT -> Kafka bridge until SIGTERM (then it drains and exits)."""

@@ -136,9 +136,17 @@ def _postgres(settings: Settings) -> CheckResult:
 
 def _prometheus(settings: Settings) -> CheckResult:
     url = f"http://{settings.prometheus.host}:{settings.prometheus.port}/api/v1/targets"
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        body = json.load(resp)
-    jobs = sorted({t["labels"]["job"] for t in body["data"]["activeTargets"]})
+    jobs: list[str] = []
+
+    def listed() -> bool:
+        nonlocal jobs
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            body = json.load(resp)
+        jobs = sorted({t["labels"]["job"] for t in body["data"]["activeTargets"]})
+        return "prometheus" in jobs
+
+    # Just after start, Prometheus answers before its scrape manager has listed targets.
+    _retry(listed, 15)
     return CheckResult("prometheus", "prometheus" in jobs, f"scrape targets: {', '.join(jobs)}")
 
 
