@@ -180,6 +180,18 @@ def demo() -> None:
     run_demo(_settings())
 
 
+streams_app = typer.Typer(help="The faust-streaming health workers.")
+app.add_typer(streams_app, name="streams")
+
+
+@streams_app.command("worker")
+def streams_worker() -> None:
+    """Run a health worker (more workers with the same app id share the partitions)."""
+    from streams.app import run_worker
+
+    run_worker(_settings())
+
+
 @app.command("ingest")
 def ingest_run() -> None:
     """Run the MQTT -> Kafka bridge until SIGTERM (then it drains and exits)."""

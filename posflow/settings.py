@@ -23,6 +23,7 @@ __all__ = [
     "Settings",
     "StackSettings",
     "StorageSettings",
+    "StreamsSettings",
 ]
 
 _LOOPBACK = "127.0.0.1"
@@ -129,6 +130,21 @@ class IngestSettings(_Section):
     )
 
 
+class StreamsSettings(_Section):
+    """The faust-streaming health workers."""
+
+    app_id: str = Field(default="posflow-health", description="faust app id = consumer group")
+    window_s: int = Field(default=60, ge=1, description="tumbling window length")
+    grace_s: int = Field(default=10, ge=0, description="how late a message may be for its window")
+    offline_factor: float = Field(default=3.0, gt=1, description="silent > K x heartbeat: offline")
+    drain_span_s: int = Field(default=1800, ge=60, description="battery drain-rate span")
+    tick_s: float = Field(default=1.0, gt=0, description="offline / window-close timer period")
+    batch_max: int = Field(default=2000, ge=1, description="events processed per batch")
+    batch_within_s: float = Field(default=0.05, gt=0, description="max wait to fill a batch")
+    sink_flush_s: float = Field(default=0.25, gt=0, description="health rows to the database")
+    log_level: str = "warn"
+
+
 class StorageSettings(_Section):
     """Retention, compression and partitioning of the time series."""
 
@@ -172,3 +188,4 @@ class Settings(BaseSettings):
     services: ServicePorts = ServicePorts()
     ingest: IngestSettings = IngestSettings()
     storage: StorageSettings = StorageSettings()
+    streams: StreamsSettings = StreamsSettings()

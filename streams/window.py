@@ -34,6 +34,7 @@ __all__ = [
     "on_status",
     "on_telemetry",
     "on_txn",
+    "open_records",
 ]
 
 State = dict[str, Any]
@@ -78,9 +79,10 @@ def _window(state: State, ts: float, cfg: WindowConfig) -> dict[str, Any] | None
             "samples": 0, "sig_sum": 0.0, "sig_n": 0, "sig_min": None, "sig_type": None,
             "dropouts": 0, "battery": None, "battery_ts": 0.0, "charging": False,
             "temp_max": None, "printer": None, "txn": 0, "approved": 0, "declined": 0,
-            "failed": 0, "latencies": [],
+            "failed": 0, "latencies": [], "last_ts": 0.0,
         }  # fmt: skip
     window: dict[str, Any] = state["windows"][key]
+    window["last_ts"] = max(window["last_ts"], ts)
     return window
 
 
@@ -208,8 +210,73 @@ def _drain(state: State, cfg: WindowConfig) -> float | None:
     return round(float(run[0][1] - run[-1][1]) / hours, 1)
 
 
+def _record(
+    state: State, start: int, w: dict[str, Any], cfg: WindowConfig, late: int
+) -> dict[str, Any]:
+    latencies = sorted(w["latencies"])
+    facts = WindowFacts(
+        signal_type=w["sig_type"],
+        signal_avg_dbm=w["sig_sum"] / w["sig_n"] if w["sig_n"] else None,
+        dropouts=w["dropouts"],
+        battery_level_pct=w["battery"],
+        charging=w["charging"],
+        battery_temp_c=w["temp_max"],
+        drain_pct_per_hour=_drain(state, cfg),
+        txn_total=w["txn"],
+        txn_declined=w["declined"],
+        txn_failed=w["failed"],
+        auth_p95_ms=latencies[int(0.95 * (len(latencies) - 1))] if latencies else None,
+        printer_paper=w["printer"],
+        online=True,
+    )
+    health = score(facts)
+    return {
+        "terminal_id": state["terminal_id"],
+        "merchant_id": state["merchant_id"],
+        "window_start": start,
+        "window_end": start + cfg.window_s,
+        "last_ts": w["last_ts"],
+        "score": health.score,
+        "components": {
+            "signal": health.signal,
+            "battery": health.battery,
+            "txn": health.txn,
+            "printer": health.printer,
+        },
+        "reasons": health.reasons,
+        "facts": {
+            "samples": w["samples"],
+            "signal_avg_dbm": facts.signal_avg_dbm,
+            "signal_min_dbm": w["sig_min"],
+            "signal_type": w["sig_type"],
+            "dropouts": w["dropouts"],
+            "battery_level_pct": w["battery"],
+            "charging": w["charging"],
+            "battery_temp_c": w["temp_max"],
+            "drain_pct_per_hour": facts.drain_pct_per_hour,
+            "txn": w["txn"],
+            "approved": w["approved"],
+            "declined": w["declined"],
+            "failed": w["failed"],
+            "decline_rate": w["declined"] / w["txn"] if w["txn"] else None,
+            "error_rate": w["failed"] / w["txn"] if w["txn"] else None,
+            "auth_p95_ms": facts.auth_p95_ms,
+            "printer_paper": w["printer"],
+            "late": late,
+        },
+    }
+
+
+def open_records(state: State, cfg: WindowConfig) -> list[dict[str, Any]]:
+    """Provisional health records of the windows still open (updated until they close)."""
+    return [
+        {**_record(state, int(key), w, cfg, state["late"]), "final": False}
+        for key, w in sorted(state["windows"].items(), key=lambda kv: int(kv[0]))
+    ]
+
+
 def close_due(state: State, now: float, cfg: WindowConfig) -> list[dict[str, Any]]:
-    """Close every window that is due; returns one health record per closed window."""
+    """Close every window that is due; returns one final health record per closed window."""
     silent = now - state["last_heard"] >= cfg.grace_s + cfg.window_s
     records = []
     for key in sorted(state["windows"], key=int):
@@ -219,58 +286,6 @@ def close_due(state: State, now: float, cfg: WindowConfig) -> list[dict[str, Any
             break
         w = state["windows"].pop(key)
         state["closed_upto"] = max(state["closed_upto"], end)
-        latencies = sorted(w["latencies"])
-        facts = WindowFacts(
-            signal_type=w["sig_type"],
-            signal_avg_dbm=w["sig_sum"] / w["sig_n"] if w["sig_n"] else None,
-            dropouts=w["dropouts"],
-            battery_level_pct=w["battery"],
-            charging=w["charging"],
-            battery_temp_c=w["temp_max"],
-            drain_pct_per_hour=_drain(state, cfg),
-            txn_total=w["txn"],
-            txn_declined=w["declined"],
-            txn_failed=w["failed"],
-            auth_p95_ms=latencies[int(0.95 * (len(latencies) - 1))] if latencies else None,
-            printer_paper=w["printer"],
-            online=True,
-        )
-        health = score(facts)
         late, state["late"] = state["late"], 0
-        records.append(
-            {
-                "terminal_id": state["terminal_id"],
-                "merchant_id": state["merchant_id"],
-                "window_start": start,
-                "window_end": end,
-                "score": health.score,
-                "components": {
-                    "signal": health.signal,
-                    "battery": health.battery,
-                    "txn": health.txn,
-                    "printer": health.printer,
-                },
-                "reasons": health.reasons,
-                "facts": {
-                    "samples": w["samples"],
-                    "signal_avg_dbm": facts.signal_avg_dbm,
-                    "signal_min_dbm": w["sig_min"],
-                    "signal_type": w["sig_type"],
-                    "dropouts": w["dropouts"],
-                    "battery_level_pct": w["battery"],
-                    "charging": w["charging"],
-                    "battery_temp_c": w["temp_max"],
-                    "drain_pct_per_hour": facts.drain_pct_per_hour,
-                    "txn": w["txn"],
-                    "approved": w["approved"],
-                    "declined": w["declined"],
-                    "failed": w["failed"],
-                    "decline_rate": w["declined"] / w["txn"] if w["txn"] else None,
-                    "error_rate": w["failed"] / w["txn"] if w["txn"] else None,
-                    "auth_p95_ms": facts.auth_p95_ms,
-                    "printer_paper": w["printer"],
-                    "late": late,
-                },
-            }
-        )
+        records.append({**_record(state, start, w, cfg, late), "final": True})
     return records

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import subprocess
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -21,7 +22,7 @@ from posflow.stack._install import (
 )
 from posflow.stack._process import port_answers
 from posflow.stack._service import DEPLOY_DIR, Port, StackService
-from posflow.topics import pipeline_topics
+from posflow.topics import TopicSpec, pipeline_topics
 
 __all__ = ["KafkaService", "ensure_topics"]
 
@@ -194,15 +195,16 @@ async def _cluster_answers(bootstrap: str) -> bool:
         await admin.close()
 
 
-async def ensure_topics(settings: Settings) -> list[str]:
-    """Create the pipeline's topics that are missing; returns the names created."""
+async def ensure_topics(settings: Settings, extra: Sequence[TopicSpec] = ()) -> list[str]:
+    """Create the pipeline's topics (and ``extra``) that are missing; returns those created."""
     admin = AIOKafkaAdminClient(
         bootstrap_servers=settings.kafka.bootstrap, request_timeout_ms=15000
     )
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        wanted = [t for t in pipeline_topics(settings.kafka) if t.name not in existing]
+        specs = [*pipeline_topics(settings.kafka), *extra]
+        wanted = [t for t in specs if t.name not in existing]
         if wanted:
             response = await admin.create_topics(
                 [

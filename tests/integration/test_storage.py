@@ -24,7 +24,6 @@ from psycopg import sql
 from posflow.contracts import Accepted, IngestEnvelope, validate_message
 from posflow.errors import PosflowError
 from posflow.settings import PostgresSettings, Settings
-from posflow.stack import Stack
 from posflow.storage import detect_path, drop_expired_partitions, ensure_partitions, migrate
 from posflow.storage.ledger import LedgerEntry, LedgerWriter
 from posflow.storage.maintenance import refresh_hourly_rollup
@@ -33,19 +32,6 @@ from tests.conftest import ROOT, unique
 from tests.unit import samples
 
 Conn = psycopg.Connection[tuple[Any, ...]]
-
-
-@pytest.fixture
-def pg(settings: Settings, stack: Stack) -> Iterator[PostgresSettings]:
-    """A fresh, empty database of this test's own."""
-    name = unique("t").replace("-", "_")
-    with psycopg.connect(settings.postgres.dsn(), autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    yield PostgresSettings(**{**settings.postgres.model_dump(), "database": name})
-    with psycopg.connect(settings.postgres.dsn(), autocommit=True) as admin:
-        admin.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
 
 
 @pytest.fixture

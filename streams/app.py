@@ -1,0 +1,280 @@
+"""The faust-streaming health app: `posflow streams worker`.
+
+Topology (all keyed by terminal id, all with the same partition count, so a
+terminal's events and its state live in one partition of one worker):
+
+    pos.telemetry.v1 ─┐
+    pos.status.v1 ────┼─▶ health agent ──▶ table "terminal-state" (changelog topic)
+    <app>-txn (internal, re-keyed from pos.txn.v1 by the txn router) ─┘
+                                    │
+                                    ├─▶ pos.health.v1 (final windows, online/offline changes)
+                                    └─▶ terminal_health, terminal_state (database, upserts)
+
+A timer closes the windows of silent terminals and marks terminals offline.
+Scale out: start more workers with the same app id; Kafka spreads the
+partitions (and the table's changelog partitions) over them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import faust
+
+from posflow.settings import Settings
+from streams.metrics import StreamMetrics
+from streams.sink import HealthSink
+from streams.window import (
+    State,
+    WindowConfig,
+    check_offline,
+    close_due,
+    new_state,
+    on_status,
+    on_telemetry,
+    on_txn,
+    open_records,
+)
+
+__all__ = ["HealthApp", "build"]
+
+log = logging.getLogger("posflow.streams")
+
+
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
+
+
+@dataclass
+class HealthApp:
+    """The faust app and what its agents share."""
+
+    settings: Settings
+    app: faust.App
+    metrics: StreamMetrics
+    sink: HealthSink
+    cfg: WindowConfig
+    outbox: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+    # --- processing (pure Python over the table; called from the agents) -------------
+
+    def process(self, batch: list[bytes], table: Any, now: float) -> None:
+        touched: dict[str, State] = {}
+        for value in batch:
+            event = json.loads(value)
+            kind, terminal = event["kind"], event["terminal_id"]
+            state = touched.get(terminal)
+            if state is None:
+                state = table.get(terminal.encode()) or new_state(terminal, event["merchant_id"])
+                touched[terminal] = state
+            if kind == "telemetry":
+                payload = event["payload"]
+                outcome = on_telemetry(state, payload, _epoch(payload["ts"]), now, self.cfg)
+            elif kind == "txn":
+                outcome = on_txn(state, event, _epoch(event["ts"]), now, self.cfg)
+            else:
+                payload = event["payload"]
+                outcome = on_status(state, payload, _epoch(payload["ts"]), now)
+            self.metrics.events.labels(kind).inc()
+            if outcome == "late":
+                self.metrics.late.inc()
+            elif outcome == "replay":
+                self.metrics.replays.inc()
+            elif outcome in ("online", "offline"):
+                self._state_change(state, outcome, now)
+        for terminal, state in touched.items():
+            self._settle(state, now)
+            table[terminal.encode()] = state
+
+    def tick(self, table: Any, now: float) -> None:
+        """Close windows of silent terminals; mark terminals silent too long offline."""
+        count = 0
+        for key, state in list(table.items()):
+            count += 1
+            changed = check_offline(state, now, self.cfg)
+            if changed:
+                self._state_change(state, "offline", now)
+            if state["windows"] and (changed or self._due(state, now)):
+                self._settle(state, now)
+                changed = True
+            if changed:
+                table[key] = state
+        self.metrics.terminals.set(count)
+
+    def _due(self, state: State, now: float) -> bool:
+        first = min(int(k) for k in state["windows"])
+        return now >= first + self.cfg.window_s + self.cfg.grace_s
+
+    def _settle(self, state: State, now: float) -> None:
+        for record in close_due(state, now, self.cfg):
+            self.metrics.windows_closed.inc()
+            self.sink.add_window(record)
+            state["health_score"] = record["score"]
+            self.outbox.append(
+                (state["terminal_id"].encode(), json.dumps({"type": "window", **record}).encode())
+            )
+        for record in open_records(state, self.cfg):
+            self.sink.add_window(record)
+            state["health_score"] = record["score"]
+        if not state["online"]:
+            state["health_score"] = 0
+        self.sink.add_state(state)
+
+    def _state_change(self, state: State, to: str, now: float) -> None:
+        state["status_changed_at"] = now
+        self.metrics.state_changes.labels(to).inc()
+        self.sink.add_state(state)
+        self.outbox.append(
+            (
+                state["terminal_id"].encode(),
+                json.dumps(
+                    {
+                        "type": "state",
+                        "terminal_id": state["terminal_id"],
+                        "merchant_id": state["merchant_id"],
+                        "online": state["online"],
+                        "reason": state["offline_reason"],
+                        "at": now,
+                    }
+                ).encode(),
+            )
+        )
+
+
+def build(settings: Settings) -> HealthApp:
+    """The composition root of the health workers."""
+    k, s = settings.kafka, settings.streams
+    app = faust.App(
+        s.app_id,
+        broker=f"kafka://{k.bootstrap}",
+        store="memory://",
+        topic_partitions=k.default_partitions,
+        topic_replication_factor=1,
+        web_enabled=False,
+        processing_guarantee="at_least_once",
+        producer_acks=-1,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=1.0,
+        # A dead worker's partitions move to the others after this long (faust's default: 60 s).
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=2.0,
+        producer_linger_ms=5,
+    )
+    prefix = k.topic_prefix
+    sources = app.topic(
+        f"{prefix}.telemetry.v1",
+        f"{prefix}.status.v1",
+        f"{s.app_id}-txn",
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=k.default_partitions,
+    )
+    txn_in = app.topic(f"{prefix}.txn.v1", key_serializer="raw", value_serializer="raw")
+    txn_by_terminal = app.topic(
+        f"{s.app_id}-txn",
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=k.default_partitions,
+        internal=True,
+    )
+    health_out = app.topic(f"{prefix}.health.v1", key_serializer="raw", value_serializer="raw")
+    table = app.Table(
+        "terminal-state",
+        key_type=bytes,
+        default=None,
+        partitions=k.default_partitions,
+        use_partitioner=True,  # the timer writes too; keys hash like the source topics'
+    )
+    metrics = StreamMetrics()
+    cfg = WindowConfig(
+        window_s=s.window_s,
+        grace_s=s.grace_s,
+        offline_factor=s.offline_factor,
+        drain_span_s=s.drain_span_s,
+    )
+    health = HealthApp(settings, app, metrics, HealthSink(settings.postgres.dsn(), metrics), cfg)
+
+    async def publish() -> None:
+        outbox, health.outbox = health.outbox, []
+        for key, value in outbox:
+            await health_out.send(key=key, value=value)
+
+    @app.agent(txn_in, name="txn-router")
+    async def route_txn(stream: Any) -> None:
+        """Payments arrive keyed by merchant; health needs them by terminal."""
+        async for batch in stream.take(s.batch_max, within=s.batch_within_s):
+            for value in batch:
+                envelope = json.loads(value)
+                p = envelope["payload"]
+                compact = {
+                    "kind": "txn",
+                    "terminal_id": p["terminal_id"],
+                    "merchant_id": p["merchant_id"],
+                    "ts": p["ts"],
+                    "txn_id": p["txn_id"],
+                    "status": p["status"],
+                    "auth_latency_ms": p["auth_latency_ms"],
+                }
+                await txn_by_terminal.send(
+                    key=p["terminal_id"].encode(), value=json.dumps(compact).encode()
+                )
+
+    @app.agent(sources, name="health")
+    async def process(stream: Any) -> None:
+        async for batch in stream.take(s.batch_max, within=s.batch_within_s):
+            started = time.perf_counter()
+            health.process(batch, table, time.time())
+            metrics.batch_seconds.observe(time.perf_counter() - started)
+            await publish()
+
+    @app.timer(s.tick_s)
+    async def tick() -> None:
+        health.tick(table, time.time())
+        await publish()
+
+    @app.timer(s.sink_flush_s)
+    async def flush() -> None:
+        if health.sink.pending():
+            await asyncio.to_thread(health.sink.flush)
+
+    @app.task
+    async def serve_metrics() -> None:
+        from ingest.http import start_http
+
+        await start_http(
+            settings.services.bind_host,
+            settings.services.streams,
+            metrics.registry,
+            lambda: True,
+        )
+
+    health.agents = (route_txn, process)  # type: ignore[attr-defined]
+    return health
+
+
+def run_worker(settings: Settings) -> None:
+    """Run one worker until SIGTERM (faust handles the signals and the loop)."""
+    import psycopg
+
+    from posflow.stack.kafka import ensure_topics
+    from posflow.storage.setup import prepare_database
+    from posflow.topics import TopicSpec
+
+    with psycopg.connect(settings.postgres.dsn(), autocommit=True) as conn:
+        prepare_database(conn, settings.storage)
+    # The re-keyed payments: co-partitioned with the terminal-keyed topics.
+    internal = TopicSpec(
+        f"{settings.streams.app_id}-txn",
+        settings.kafka.default_partitions,
+        {"cleanup.policy": "delete", "retention.ms": str(24 * 3600 * 1000)},
+    )
+    asyncio.run(ensure_topics(settings, [internal]))
+    health = build(settings)
+    worker = faust.Worker(health.app, loglevel=settings.streams.log_level)
+    worker.execute_from_commandline()

@@ -1,0 +1,279 @@
+"""The health workers on the real stack: known terminal behaviour -> expected health rows."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from posflow.contracts import Accepted, validate_message
+from posflow.settings import KafkaSettings, PostgresSettings, Settings
+from posflow.stack import ensure_topics
+from tests.conftest import ROOT, unique
+from tests.unit import samples
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Health:
+    """An isolated health pipeline: own topics, own app id, own database."""
+
+    def __init__(self, settings: Settings, pg: PostgresSettings) -> None:
+        self.prefix = unique("h").replace("-", "")
+        self.app_id = unique("health")
+        self.settings = settings.model_copy(
+            update={
+                "kafka": KafkaSettings(
+                    **{**settings.kafka.model_dump(), "topic_prefix": self.prefix,
+                       "default_partitions": 3}
+                ),
+                "postgres": pg,
+            }
+        )  # fmt: skip
+        self.env = {
+            **os.environ,
+            "POSFLOW_KAFKA__TOPIC_PREFIX": self.prefix,
+            "POSFLOW_KAFKA__DEFAULT_PARTITIONS": "3",
+            "POSFLOW_POSTGRES__DATABASE": pg.database,
+            "POSFLOW_STREAMS__APP_ID": self.app_id,
+            "POSFLOW_STREAMS__TICK_S": "0.2",
+            "POSFLOW_SERVICES__STREAMS": str(_free_port()),
+        }
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "posflow.cli", "streams", "worker"],
+            env=self.env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.procs.append(proc)
+        return proc
+
+    async def send(self, events: list[tuple[str, dict[str, Any]]]) -> None:
+        """Publish payloads as the bridge would: validated envelopes, keyed like the bridge."""
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.settings.kafka.bootstrap, acks="all", enable_idempotence=True
+        )
+        await producer.start()
+        try:
+            for kind, payload in events:
+                topic = f"pos/v1/{payload['merchant_id']}/{payload['terminal_id']}/{kind}"
+                result = validate_message(
+                    topic,
+                    json.dumps(payload).encode(),
+                    received_at=datetime.now(UTC),
+                    mqtt_mid=1,
+                )
+                assert isinstance(result, Accepted), result
+                env = result.envelope
+                await producer.send(f"{self.prefix}.{kind}.v1", env.to_json(), key=env.kafka_key())
+            await producer.flush()
+        finally:
+            await producer.stop()
+
+    def rows(self, query: str, *params: object) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.settings.postgres.dsn()) as conn:
+            return conn.execute(query.encode(), params).fetchall()
+
+    async def wait_for(self, query: str, want: int, seconds: float = 90) -> list[tuple[Any, ...]]:
+        deadline = time.monotonic() + seconds
+        rows: list[tuple[Any, ...]] = []
+        while time.monotonic() < deadline:
+            try:
+                rows = self.rows(query)
+            except psycopg.errors.UndefinedTable:
+                rows = []
+            if len(rows) >= want:
+                return rows
+            await asyncio.sleep(0.5)
+        return rows
+
+    async def health_topic(self, wanted: int, seconds: float = 30) -> list[dict[str, Any]]:
+        consumer = AIOKafkaConsumer(
+            f"{self.prefix}.health.v1",
+            bootstrap_servers=self.settings.kafka.bootstrap,
+            auto_offset_reset="earliest",
+        )
+        await consumer.start()
+        out: list[dict[str, Any]] = []
+        try:
+            deadline = time.monotonic() + seconds
+            while len(out) < wanted and time.monotonic() < deadline:
+                for batch in (await consumer.getmany(timeout_ms=500)).values():
+                    out.extend(json.loads(r.value) for r in batch if r.value)
+        finally:
+            await consumer.stop()
+        return out
+
+    async def wait_rekeyed(self, count: int, seconds: float = 60) -> None:
+        """Until the worker's txn router has re-keyed ``count`` payments."""
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka.bootstrap)
+        await consumer.start()
+        try:
+            deadline = time.monotonic() + seconds
+            topic = f"{self.app_id}-txn"
+            while time.monotonic() < deadline:
+                parts = [
+                    TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()
+                ]
+                if parts and sum((await consumer.end_offsets(parts)).values()) >= count:
+                    return
+                await consumer._client.force_metadata_update()
+                await asyncio.sleep(0.3)
+            raise AssertionError(f"the txn router did not forward {count} payments")
+        finally:
+            await consumer.stop()
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+async def health(settings: Settings, pg: PostgresSettings) -> Any:
+    h = Health(settings, pg)
+    await ensure_topics(h.settings)
+    yield h
+    h.stop()
+
+
+def _base() -> float:
+    """The start of the minute ten minutes ago: event time runs 10x faster than the test."""
+    now = time.time()
+    return now - now % 60 - 600
+
+
+def _tele(terminal: str, seq: int, ts: float, **over: Any) -> tuple[str, dict[str, Any]]:
+    body = samples.telemetry(
+        merchant_id="M-h",
+        terminal_id=terminal,
+        seq=seq,
+        ts=datetime.fromtimestamp(ts, UTC).isoformat(),
+        **over,
+    )
+    return "telemetry", body
+
+
+FINAL = (
+    "SELECT extract(epoch FROM window_start)::bigint, score, signal_score, battery_score,"
+    " txn_score, details FROM terminal_health WHERE terminal_id = '{t}'"
+    " AND (details->>'final')::boolean ORDER BY window_start"
+)
+
+
+async def test_known_terminal_behaviour_gives_the_expected_health(health: Health) -> None:
+    worker = health.start_worker()
+    base = _base()
+    events: list[tuple[str, dict[str, Any]]] = []
+    for i in range(22):  # 10.5 minutes, a sample every 30 s: minutes 0-9 close by event time
+        ts = base + 30 * i
+        events.append(_tele("T-weak", i, ts, **{"signal.rsrp_dbm": -118}))
+        events.append(
+            _tele("T-drain", i, ts, **{"battery.level_pct": 60 - i, "battery.charging": False})
+        )
+        events.append(_tele("T-fail", i, ts))
+        if i < 6:
+            events.append(_tele("T-will", i, ts))
+        if i % 2 == 0 and i < 20:  # four payments a minute: 2 approved, 1 error, 1 timeout
+            for j, status in enumerate(["approved", "approved", "error", "timeout"]):
+                events.append(
+                    (
+                        "txn",
+                        samples.txn(
+                            merchant_id="M-h", terminal_id="T-fail", txn_id=f"tx-{i}-{j}",
+                            status=status, auth_latency_ms=300 + 100 * j,
+                            ts=datetime.fromtimestamp(ts + j, UTC).isoformat(),
+                            seq=1000 + i * 4 + j,
+                        ),
+                    )
+                )  # fmt: skip
+    events.append(
+        (
+            "status",
+            samples.status(merchant_id="M-h", terminal_id="T-will", state="offline", seq=99,
+                           ts=datetime.fromtimestamp(base + 200, UTC).isoformat()),
+        )
+    )  # fmt: skip
+    events.append(_tele("T-silent", 0, base + 600, heartbeat_interval_s=1))
+    # Payments take one more hop (re-keyed by terminal). Event time here runs far ahead
+    # of the wall clock, so let them through first, as they would be in real time.
+    await health.send([e for e in events if e[0] == "txn"])
+    await health.wait_rekeyed(40)
+    await health.send([e for e in events if e[0] != "txn"])
+
+    weak = await health.wait_for(FINAL.format(t="T-weak"), 10)
+    drain = await health.wait_for(FINAL.format(t="T-drain"), 10)
+    fail = await health.wait_for(FINAL.format(t="T-fail"), 10)
+    assert worker.poll() is None, "the worker died"
+
+    # Weak signal: every closed minute, contiguous, -118 dBm on LTE's scale -> 7.
+    assert [w[0] for w in weak] == [int(base) + 60 * m for m in range(10)]  # no gaps
+    assert {(w[2], w[5]["signal_avg_dbm"], w[5]["samples"]) for w in weak} == {(7, -118.0, 2)}
+    assert all("weak signal (lte, -118 dBm)" in w[5]["reasons"] for w in weak)
+    # Draining 1% per 30 s: 120 %/h once 5 minutes are seen; the last window says so.
+    assert drain[-1][5]["drain_pct_per_hour"] == 120.0
+    assert drain[-1][5]["battery_level_pct"] == 41
+    assert drain[-1][3] == 52  # 41%: 40 + 60 x 21/30 = 82, minus 30 for the drain
+    # Failing payments: half errors or timeouts -> transaction component 0.
+    assert {(f[5]["txn"], f[5]["failed"], f[5]["error_rate"], f[4]) for f in fail} == {
+        (4, 2, 0.5, 0)
+    }
+    assert fail[0][5]["auth_p95_ms"] == 500
+
+    # Offline: the Last Will at once; the silent terminal after 3 x its 1 s heartbeat.
+    states = await health.wait_for(
+        "SELECT terminal_id, online FROM terminal_state WHERE NOT online ORDER BY 1", 2, 30
+    )
+    assert states == [("T-silent", False), ("T-will", False)]
+    # 10 final windows each of T-weak, T-drain, T-fail, 2 of T-will, 2 offline changes.
+    topic = await health.health_topic(wanted=34)
+    changes = {(r["terminal_id"], r["online"], r["reason"]) for r in topic if r["type"] == "state"}
+    assert ("T-will", False, "last will") in changes
+    assert any(t == "T-silent" and not on and r.startswith("silent for") for t, on, r in changes)
+    windows = [r for r in topic if r["type"] == "window" and r["terminal_id"] == "T-weak"]
+    assert [r["window_start"] for r in windows] == [int(base) + 60 * m for m in range(10)]
+
+
+async def test_worker_killed_mid_stream_resumes_its_windows_without_gaps(
+    health: Health,
+) -> None:
+    first = health.start_worker()
+    base = _base()
+    stream = [
+        _tele("T-k", i, base + 15 * i, **{"signal.rsrp_dbm": -90 - (i % 4)}) for i in range(42)
+    ]  # 10.5 minutes, 4 samples a minute
+    await health.send(stream[:18])  # up to 4.25 minutes: minute 4 half full
+    await health.wait_for(FINAL.format(t="T-k"), 3)
+    await asyncio.sleep(2)  # let the table changelog and offsets catch up
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    await health.send(stream[18:])
+    health.start_worker()  # recovers "terminal-state" from its changelog
+    rows = await health.wait_for(FINAL.format(t="T-k"), 10)
+    assert [r[0] for r in rows] == [int(base) + 60 * m for m in range(10)]  # no gap
+    # Every minute has exactly its 4 samples: the half-full window survived the kill,
+    # and messages redelivered after it were not counted twice.
+    assert [r[5]["samples"] for r in rows] == [4] * 10
+    assert {r[5]["signal_avg_dbm"] for r in rows} == {-91.5}
