@@ -56,38 +56,7 @@ class HealthSink:
         with conn.transaction():
             conn.execute("SET LOCAL synchronous_commit = off")
             if windows:
-                rows = list(windows.values())
-                conn.execute(
-                    """
-                    INSERT INTO terminal_health AS h (window_start, window_end, terminal_id,
-                        merchant_id, score, signal_score, battery_score, txn_score,
-                        printer_score, details)
-                    SELECT * FROM unnest(%s::timestamptz[], %s::timestamptz[], %s::text[],
-                        %s::text[], %s::smallint[], %s::smallint[], %s::smallint[],
-                        %s::smallint[], %s::smallint[], %s::jsonb[])
-                    ON CONFLICT (terminal_id, window_start) DO UPDATE SET
-                        score = excluded.score, signal_score = excluded.signal_score,
-                        battery_score = excluded.battery_score, txn_score = excluded.txn_score,
-                        printer_score = excluded.printer_score, details = excluded.details
-                    WHERE NOT coalesce((h.details->>'final')::boolean, false)
-                       OR coalesce((excluded.details->>'final')::boolean, false)
-                    """,
-                    [
-                        [_ts(r["window_start"]) for r in rows],
-                        [_ts(r["window_end"]) for r in rows],
-                        [r["terminal_id"] for r in rows],
-                        [r["merchant_id"] for r in rows],
-                        [r["score"] for r in rows],
-                        [r["components"]["signal"] for r in rows],
-                        [r["components"]["battery"] for r in rows],
-                        [r["components"]["txn"] for r in rows],
-                        [r["components"]["printer"] for r in rows],
-                        [
-                            json.dumps({"final": r["final"], "reasons": r["reasons"], **r["facts"]})
-                            for r in rows
-                        ],
-                    ],
-                )
+                self._write_windows(conn, list(windows.values()))
             if states:
                 self._write_states(conn, list(states.values()))
         committed = time.time()
@@ -99,52 +68,87 @@ class HealthSink:
         return len(windows) + len(states)
 
     @staticmethod
+    def _write_windows(
+        conn: psycopg.Connection[tuple[Any, ...]], rows: list[dict[str, Any]]
+    ) -> None:
+        # COPY into a staging table, then one upsert: far cheaper than array parameters.
+        conn.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS health_stage (LIKE terminal_health)"
+            " ON COMMIT DELETE ROWS"
+        )
+        with conn.cursor() as cur:
+            with cur.copy(
+                "COPY health_stage (window_start, window_end, terminal_id, merchant_id, score,"
+                " signal_score, battery_score, txn_score, printer_score, details) FROM STDIN"
+            ) as copy:
+                for r in rows:
+                    c = r["components"]
+                    copy.write_row(
+                        (
+                            _ts(r["window_start"]), _ts(r["window_end"]), r["terminal_id"],
+                            r["merchant_id"], r["score"], c["signal"], c["battery"], c["txn"],
+                            c["printer"],
+                            json.dumps({"final": r["final"], "reasons": r["reasons"],
+                                        **r["facts"]}),
+                        )
+                    )  # fmt: skip
+            cur.execute(
+                """
+                INSERT INTO terminal_health AS h SELECT * FROM health_stage
+                ON CONFLICT (terminal_id, window_start) DO UPDATE SET
+                    score = excluded.score, signal_score = excluded.signal_score,
+                    battery_score = excluded.battery_score, txn_score = excluded.txn_score,
+                    printer_score = excluded.printer_score, details = excluded.details
+                WHERE NOT coalesce((h.details->>'final')::boolean, false)
+                   OR coalesce((excluded.details->>'final')::boolean, false)
+                """
+            )
+
+    @staticmethod
     def _write_states(
         conn: psycopg.Connection[tuple[Any, ...]], states: list[dict[str, Any]]
     ) -> None:
-        cur = [s.get("current", {}) for s in states]
         conn.execute(
-            """
-            INSERT INTO terminal_state (terminal_id, merchant_id, online, last_seen,
-                status_changed_at, battery_level_pct, charging, signal_type, signal_dbm, carrier,
-                printer_paper, lat, lon, app_version, firmware_version, health_score, updated_at)
-            SELECT *, now() FROM unnest(%s::text[], %s::text[], %s::boolean[],
-                %s::timestamptz[], %s::timestamptz[], %s::smallint[], %s::boolean[], %s::text[],
-                %s::smallint[], %s::text[], %s::text[], %s::float8[], %s::float8[], %s::text[],
-                %s::text[], %s::smallint[])
-            ON CONFLICT (terminal_id) DO UPDATE SET
-                merchant_id = excluded.merchant_id, online = excluded.online,
-                last_seen = excluded.last_seen,
-                status_changed_at = coalesce(excluded.status_changed_at,
-                                             terminal_state.status_changed_at),
-                battery_level_pct = excluded.battery_level_pct, charging = excluded.charging,
-                signal_type = excluded.signal_type, signal_dbm = excluded.signal_dbm,
-                carrier = excluded.carrier, printer_paper = excluded.printer_paper,
-                lat = excluded.lat, lon = excluded.lon, app_version = excluded.app_version,
-                firmware_version = excluded.firmware_version,
-                health_score = coalesce(excluded.health_score, terminal_state.health_score),
-                updated_at = now()
-            """,
-            [
-                [s["terminal_id"] for s in states],
-                [s["merchant_id"] for s in states],
-                [s["online"] for s in states],
-                [_ts(s["watermark"] or s["last_heard"]) for s in states],
-                [_ts(s["status_changed_at"]) if s.get("status_changed_at") else None
-                 for s in states],
-                [c.get("battery") for c in cur],
-                [c.get("charging") for c in cur],
-                [c.get("signal_type") for c in cur],
-                [c.get("signal_dbm") for c in cur],
-                [c.get("carrier") for c in cur],
-                [c.get("printer") for c in cur],
-                [c.get("lat") for c in cur],
-                [c.get("lon") for c in cur],
-                [c.get("app_version") for c in cur],
-                [c.get("firmware_version") for c in cur],
-                [s.get("health_score") for s in states],
-            ],
-        )  # fmt: skip
+            "CREATE TEMP TABLE IF NOT EXISTS state_stage (LIKE terminal_state INCLUDING DEFAULTS)"
+            " ON COMMIT DELETE ROWS"
+        )
+        with conn.cursor() as cur:
+            with cur.copy(
+                "COPY state_stage (terminal_id, merchant_id, online, last_seen, status_changed_at,"
+                " battery_level_pct, charging, signal_type, signal_dbm, carrier, printer_paper,"
+                " lat, lon, app_version, firmware_version, health_score) FROM STDIN"
+            ) as copy:
+                for s in states:
+                    c = s.get("current", {})
+                    changed = s.get("status_changed_at")
+                    copy.write_row(
+                        (
+                            s["terminal_id"], s["merchant_id"], s["online"],
+                            _ts(s["watermark"] or s["last_heard"]),
+                            _ts(changed) if changed else None,
+                            c.get("battery"), c.get("charging"), c.get("signal_type"),
+                            c.get("signal_dbm"), c.get("carrier"), c.get("printer"),
+                            c.get("lat"), c.get("lon"), c.get("app_version"),
+                            c.get("firmware_version"), s.get("health_score"),
+                        )
+                    )  # fmt: skip
+            cur.execute(
+                """
+                INSERT INTO terminal_state SELECT * FROM state_stage
+                ON CONFLICT (terminal_id) DO UPDATE SET
+                    merchant_id = excluded.merchant_id, online = excluded.online,
+                    last_seen = excluded.last_seen,
+                    status_changed_at = coalesce(excluded.status_changed_at,
+                                                 terminal_state.status_changed_at),
+                    battery_level_pct = excluded.battery_level_pct, charging = excluded.charging,
+                    signal_type = excluded.signal_type, signal_dbm = excluded.signal_dbm,
+                    carrier = excluded.carrier, printer_paper = excluded.printer_paper,
+                    lat = excluded.lat, lon = excluded.lon, app_version = excluded.app_version,
+                    firmware_version = excluded.firmware_version,
+                    health_score = coalesce(excluded.health_score, terminal_state.health_score),
+                    updated_at = now()
+                """
+            )
 
     def close(self) -> None:
         if self._conn is not None:

@@ -38,7 +38,9 @@ __all__ = [
 ]
 
 State = dict[str, Any]
-_RECENT = 512  # seqs / txn ids remembered for replay detection
+# Seqs / txn ids remembered for replay detection: a restarted worker re-reads at
+# most what arrived since the last offset commit (about a second), far fewer.
+_RECENT = 64
 _LATENCIES = 256  # per window, for the p95
 
 
@@ -125,8 +127,11 @@ def on_telemetry(state: State, t: dict[str, Any], ts: float, now: float, cfg: Wi
             "lat": loc.get("lat"), "lon": loc.get("lon"),
         }  # fmt: skip
     hist = state["battery_hist"]
-    hist.append([ts, battery["level_pct"], battery["charging"]])
-    hist.sort(key=lambda h: h[0])
+    # One reading a minute is plenty for a drain rate, and keeps the state small
+    # (it is written to the changelog on every change).
+    if not hist or ts - hist[-1][0] >= 60 or battery["charging"] != hist[-1][2]:
+        hist.append([ts, battery["level_pct"], battery["charging"]])
+        hist.sort(key=lambda h: h[0])
     while hist and hist[0][0] < state["watermark"] - cfg.drain_span_s:
         hist.pop(0)
     window = _window(state, ts, cfg)
