@@ -37,8 +37,8 @@ from psycopg import sql
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from posflow.settings import KafkaSettings, Settings
-from posflow.stack import ensure_topics
+from posflow.settings import KafkaSettings, Settings  # noqa: E402 - after sys.path
+from posflow.stack import ensure_topics  # noqa: E402
 
 TIME_LIMIT_S = 300
 

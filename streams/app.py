@@ -21,6 +21,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -61,6 +62,20 @@ class HealthApp:
     sink: HealthSink
     cfg: WindowConfig
     outbox: list[tuple[bytes, bytes]] = field(default_factory=list)
+    # States changed since the last offset commit: written to the table (and so to its
+    # changelog) once per commit, not once per batch; see FlushBeforeCommit.
+    dirty: dict[bytes, State] = field(default_factory=dict)
+    # Where final windows and state changes go (the health topic; a test may capture them).
+    publish_to: Callable[[bytes, bytes], Awaitable[None]] | None = None
+
+    def state_of(self, table: Any, key: bytes) -> State | None:
+        state: State | None = self.dirty.get(key)
+        return state if state is not None else table.get(key)
+
+    def flush_dirty(self, table: Any) -> None:
+        dirty, self.dirty = self.dirty, {}
+        for key, state in dirty.items():
+            table[key] = state
 
     # --- processing (pure Python over the table; called from the agents) -------------
 
@@ -71,7 +86,9 @@ class HealthApp:
             kind, terminal = event["kind"], event["terminal_id"]
             state = touched.get(terminal)
             if state is None:
-                state = table.get(terminal.encode()) or new_state(terminal, event["merchant_id"])
+                state = self.state_of(table, terminal.encode()) or new_state(
+                    terminal, event["merchant_id"]
+                )
                 touched[terminal] = state
             if kind == "telemetry":
                 payload = event["payload"]
@@ -90,12 +107,16 @@ class HealthApp:
                 self._state_change(state, outcome, now)
         for terminal, state in touched.items():
             self._settle(state, now)
-            table[terminal.encode()] = state
+            self.dirty[terminal.encode()] = state
 
     def tick(self, table: Any, now: float) -> None:
         """Close windows of silent terminals; mark terminals silent too long offline."""
         count = 0
-        for key, state in list(table.items()):
+        keys = set(table.keys()) | set(self.dirty)
+        for key in keys:
+            state = self.state_of(table, key)
+            if state is None:
+                continue
             count += 1
             changed = check_offline(state, now, self.cfg)
             if changed:
@@ -105,7 +126,7 @@ class HealthApp:
                 self._publish_closed(state, closed)
             if changed or closed:
                 self.sink.add_state(state)
-                table[key] = state
+                self.dirty[key] = state
         self.metrics.terminals.set(count)
 
     def _publish_closed(self, state: State, closed: list[dict[str, Any]]) -> None:
@@ -145,6 +166,26 @@ class HealthApp:
                 ).encode(),
             )
         )
+
+
+class FlushBeforeCommit(faust.Sensor):
+    """Writes the changed states to the table just before faust commits offsets.
+
+    faust calls sensors' ``on_commit_initiated`` before it picks the offsets to
+    commit, then flushes the producer (changelog included) before committing.
+    So every committed offset's effect is in the changelog, while a terminal
+    that sent ten messages since the last commit costs one changelog record,
+    not ten.
+    """
+
+    def __init__(self, health: HealthApp, table: Any) -> None:
+        super().__init__()
+        self.health = health
+        self.table = table
+
+    def on_commit_initiated(self, consumer: Any) -> Any:
+        self.health.flush_dirty(self.table)
+        return super().on_commit_initiated(consumer)
 
 
 def build(settings: Settings) -> HealthApp:
@@ -199,11 +240,18 @@ def build(settings: Settings) -> HealthApp:
         drain_span_s=s.drain_span_s,
     )
     health = HealthApp(settings, app, metrics, HealthSink(settings.postgres.dsn(), metrics), cfg)
+    health.table = table  # type: ignore[attr-defined]
+
+    async def send_health(key: bytes, value: bytes) -> None:
+        await health_out.send(key=key, value=value)
+
+    health.publish_to = send_health
 
     async def publish() -> None:
         outbox, health.outbox = health.outbox, []
+        sender = health.publish_to or send_health
         for key, value in outbox:
-            await health_out.send(key=key, value=value)
+            await sender(key, value)
 
     @app.agent(txn_in, name="txn-router")
     async def route_txn(stream: Any) -> None:
@@ -280,5 +328,6 @@ def run_worker(settings: Settings) -> None:
     )
     asyncio.run(ensure_topics(settings, [internal]))
     health = build(settings)
+    health.app.sensors.add(FlushBeforeCommit(health, health.table))  # type: ignore[attr-defined]
     worker = faust.Worker(health.app, loglevel=settings.streams.log_level)
     worker.execute_from_commandline()

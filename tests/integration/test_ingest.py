@@ -15,7 +15,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from paho.mqtt.enums import CallbackAPIVersion
 
 from ingest import Bridge
@@ -336,7 +336,8 @@ async def test_bridge_killed_with_sigkill_loses_no_qos1_message(
         pub_task = asyncio.create_task(
             asyncio.to_thread(_publish_stream, publisher, merchant, 0, 3000)
         )
-        await asyncio.sleep(0.3)
+        # Kill as soon as the first records are in Kafka (the stream is still coming).
+        await _until_records_in(isolated, topic_of(isolated, "telemetry"), 30)
         first.send_signal(signal.SIGKILL)
         await pub_task
     finally:
@@ -357,6 +358,21 @@ async def test_bridge_killed_with_sigkill_loses_no_qos1_message(
         assert second.wait(timeout=60) == 0  # SIGTERM: drains and exits cleanly
     seqs = [v["payload"]["seq"] for _, v in records]
     assert sorted(set(seqs)) == list(range(3000))
+
+
+async def _until_records_in(settings: Settings, topic: str, seconds: float) -> None:
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap)
+    await consumer.start()
+    try:
+        parts = [TopicPartition(topic, p) for p in range(settings.kafka.default_partitions)]
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if sum((await consumer.end_offsets(parts)).values()) > 0:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"nothing reached {topic} in {seconds} s")
+    finally:
+        await consumer.stop()
 
 
 def _get_or_none(url: str) -> int | None:
