@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -152,6 +153,16 @@ def main() -> None:
         )
         asyncio.run(ensure_topics(settings))
         asyncio.run(_load(settings, args.events, args.terminals))
+        # Baseline in the same run: a faust agent that only counts the same events.
+        baseline = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "faust_baseline.py"),
+             f"{prefix}.telemetry.v1", str(args.events), settings.kafka.bootstrap],
+            cwd=ROOT, capture_output=True, text=True, timeout=TIME_LIMIT_S, check=False,
+        )  # fmt: skip
+        # faust sends what its agents print to its log (stderr).
+        found = re.search(r"BASELINE (\d+)", baseline.stdout + baseline.stderr)
+        ceiling = f"{int(found.group(1)):,}" if found else "n/a"
+        print(f"baseline: a faust agent that only counts the same events: {ceiling} events/s")
         port = 19500
         env = {
             **os.environ, "POSFLOW_KAFKA__TOPIC_PREFIX": prefix,

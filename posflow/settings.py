@@ -8,6 +8,7 @@ fields use ``__``: ``POSFLOW_KAFKA__PORT=9092``). Tests build it explicitly.
 from __future__ import annotations
 
 import socket
+import tempfile
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -143,6 +144,10 @@ class StreamsSettings(_Section):
     batch_within_s: float = Field(default=0.05, gt=0, description="max wait to fill a batch")
     sink_flush_s: float = Field(default=0.25, gt=0, description="health rows to the database")
     log_level: str = "warn"
+    data_dir: Path = Field(
+        default=Path(tempfile.gettempdir()) / "posflow-faust",
+        description="faust's local directory (tables live in memory, restored from changelogs)",
+    )
 
 
 class StorageSettings(_Section):

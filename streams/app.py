@@ -195,6 +195,7 @@ def build(settings: Settings) -> HealthApp:
         s.app_id,
         broker=f"kafka://{k.bootstrap}",
         store="memory://",
+        datadir=str(s.data_dir),
         topic_partitions=k.default_partitions,
         topic_replication_factor=1,
         web_enabled=False,
