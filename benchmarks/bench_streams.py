@@ -28,6 +28,7 @@ import time
 import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import psycopg
@@ -38,34 +39,34 @@ from psycopg import sql
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from posflow.settings import KafkaSettings, Settings  # noqa: E402 - after sys.path
+from posflow.contracts import Accepted, validate_message  # noqa: E402 - after sys.path
+from posflow.settings import KafkaSettings, Settings  # noqa: E402
 from posflow.stack import ensure_topics  # noqa: E402
+from tests.unit import samples  # noqa: E402
 
 TIME_LIMIT_S = 300
 
 
-def _payload(merchant: str, terminal: str, seq: int, ts: float) -> dict[str, object]:
-    return {
-        "v": 1, "kind": "telemetry", "merchant_id": merchant, "terminal_id": terminal,
-        "ts": datetime.fromtimestamp(ts, UTC).isoformat(), "seq": seq,
-        "battery": {"level_pct": 80, "charging": False, "temperature_c": 30.0, "health": "good"},
-        "signal": {"type": "lte", "rssi_dbm": -70, "rsrp_dbm": -95, "sinr_db": 10.0,
-                   "carrier": "Telstra"},
-        "printer": {"paper": "ok"}, "app_version": "4.2.1", "firmware_version": "fw-2.8.0",
-        "uptime_s": 1000 + seq, "tamper": False, "heartbeat_interval_s": 30,
-    }  # fmt: skip
+def _payload(merchant: str, terminal: str, seq: int, ts: float) -> dict[str, Any]:
+    """A telemetry payload from the shared samples (what the contracts accept)."""
+    return samples.telemetry(
+        merchant_id=merchant,
+        terminal_id=terminal,
+        seq=seq,
+        ts=datetime.fromtimestamp(ts, UTC).isoformat(),
+    )
 
 
 def _envelope(merchant: str, terminal: str, seq: int, ts: float) -> bytes:
-    return json.dumps(
-        {
-            "v": 1, "kind": "telemetry", "merchant_id": merchant, "terminal_id": terminal,
-            "source_topic": f"pos/v1/{merchant}/{terminal}/telemetry",
-            "received_at": datetime.now(UTC).isoformat(), "mqtt_mid": 1,
-            "payload": _payload(merchant, terminal, seq, ts),
-        },
-        separators=(",", ":"),
-    ).encode()  # fmt: skip
+    """The Kafka record the bridge would write for that payload."""
+    result = validate_message(
+        f"pos/v1/{merchant}/{terminal}/telemetry",
+        json.dumps(_payload(merchant, terminal, seq, ts)).encode(),
+        received_at=datetime.now(UTC),
+        mqtt_mid=1,
+    )
+    assert isinstance(result, Accepted)  # noqa: S101
+    return result.envelope.to_json()
 
 
 def _metric(port: int, name: str) -> dict[str, float]:

@@ -52,7 +52,6 @@ class PendingRecord:
     mid: int
     qos: int
     received: float  # time.monotonic() at receipt
-    attempts: int = 0
 
 
 class Bridge:
@@ -240,7 +239,6 @@ class Bridge:
             builder = self._producer.create_batch()
             chunk: list[PendingRecord] = []
             for record in group:
-                record.attempts += 1
                 self._pending[id(record)] = record.received
                 if builder.append(key=record.key, value=record.value, timestamp=None) is None:
                     await self._submit(builder, topic, partition, chunk)
@@ -271,7 +269,6 @@ class Bridge:
 
     async def _send(self, record: PendingRecord) -> None:
         assert self._producer is not None  # noqa: S101 - started in start()
-        record.attempts += 1
         self._pending[id(record)] = record.received
         try:
             future = await self._producer.send(record.topic, record.value, key=record.key)

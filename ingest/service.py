@@ -8,8 +8,8 @@ import signal
 from dataclasses import dataclass
 
 from ingest.bridge import Bridge
-from ingest.http import start_http
 from ingest.metrics import BridgeMetrics
+from posflow.http import start_http
 from posflow.settings import Settings
 
 __all__ = ["IngestService", "build"]

@@ -67,6 +67,8 @@ class HealthApp:
     dirty: dict[bytes, State] = field(default_factory=dict)
     # Where final windows and state changes go (the health topic; a test may capture them).
     publish_to: Callable[[bytes, bytes], Awaitable[None]] | None = None
+    table: Any = None  # the faust table "terminal-state"
+    agents: tuple[Any, ...] = ()  # (txn router, health agent)
 
     def state_of(self, table: Any, key: bytes) -> State | None:
         state: State | None = self.dirty.get(key)
@@ -241,7 +243,7 @@ def build(settings: Settings) -> HealthApp:
         drain_span_s=s.drain_span_s,
     )
     health = HealthApp(settings, app, metrics, HealthSink(settings.postgres.dsn(), metrics), cfg)
-    health.table = table  # type: ignore[attr-defined]
+    health.table = table
 
     async def send_health(key: bytes, value: bytes) -> None:
         await health_out.send(key=key, value=value)
@@ -294,7 +296,7 @@ def build(settings: Settings) -> HealthApp:
 
     @app.task
     async def serve_metrics() -> None:
-        from ingest.http import start_http
+        from posflow.http import start_http
 
         # Per-message debug records of aiokafka and faust cost ~10% even when not shown.
         for name in ("aiokafka", "faust", "mode"):
@@ -307,7 +309,7 @@ def build(settings: Settings) -> HealthApp:
             lambda: True,
         )
 
-    health.agents = (route_txn, process)  # type: ignore[attr-defined]
+    health.agents = (route_txn, process)
     return health
 
 
@@ -329,6 +331,6 @@ def run_worker(settings: Settings) -> None:
     )
     asyncio.run(ensure_topics(settings, [internal]))
     health = build(settings)
-    health.app.sensors.add(FlushBeforeCommit(health, health.table))  # type: ignore[attr-defined]
+    health.app.sensors.add(FlushBeforeCommit(health, health.table))
     worker = faust.Worker(health.app, loglevel=settings.streams.log_level)
     worker.execute_from_commandline()

@@ -52,6 +52,16 @@ class HealthSink:
             return 0
         if self._conn is None or self._conn.closed:
             self._conn = psycopg.connect(self.dsn)
+            # Session-local staging tables, emptied at every commit.
+            for stage, table in (
+                ("health_stage", "terminal_health"),
+                ("state_stage", "terminal_state"),
+            ):
+                self._conn.execute(
+                    f"CREATE TEMP TABLE {stage} (LIKE {table} INCLUDING DEFAULTS)"
+                    " ON COMMIT DELETE ROWS"
+                )
+            self._conn.commit()
         conn = self._conn
         with conn.transaction():
             conn.execute("SET LOCAL synchronous_commit = off")
@@ -72,10 +82,6 @@ class HealthSink:
         conn: psycopg.Connection[tuple[Any, ...]], rows: list[dict[str, Any]]
     ) -> None:
         # COPY into a staging table, then one upsert: far cheaper than array parameters.
-        conn.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS health_stage (LIKE terminal_health)"
-            " ON COMMIT DELETE ROWS"
-        )
         with conn.cursor() as cur:
             with cur.copy(
                 "COPY health_stage (window_start, window_end, terminal_id, merchant_id, score,"
@@ -108,10 +114,6 @@ class HealthSink:
     def _write_states(
         conn: psycopg.Connection[tuple[Any, ...]], states: list[dict[str, Any]]
     ) -> None:
-        conn.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS state_stage (LIKE terminal_state INCLUDING DEFAULTS)"
-            " ON COMMIT DELETE ROWS"
-        )
         with conn.cursor() as cur:
             with cur.copy(
                 "COPY state_stage (terminal_id, merchant_id, online, last_seen, status_changed_at,"

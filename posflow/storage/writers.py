@@ -18,7 +18,6 @@ that trade (see ``ledger.py``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 
 import psycopg
 
@@ -201,10 +200,3 @@ class TransactionWriter(_CopyInsert):
 
     def write(self, envelopes: Sequence[IngestEnvelope]) -> int:
         return self._write([transaction_row(e) for e in envelopes])
-
-
-def bucket(ts: datetime, unit: str) -> datetime:
-    """The rollup bucket of a timestamp, as the writers compute it (tests use it)."""
-    if unit == "minute":
-        return ts.replace(second=0, microsecond=0)
-    return ts.replace(minute=0, second=0, microsecond=0)

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,15 +20,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from ingest import Bridge
 from posflow.settings import IngestSettings, KafkaSettings, ServicePorts, Settings
 from posflow.stack import Stack, ensure_topics
-from tests.conftest import ROOT, unique
+from tests.conftest import ROOT, free_port, unique
 from tests.unit import samples
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture
@@ -49,7 +41,7 @@ async def isolated(settings: Settings, stack: Stack) -> Settings:
                 retry_backoff_s=0.2,
                 kafka_stall_s=2.0,
             ),
-            "services": ServicePorts(ingest=_free_port()),
+            "services": ServicePorts(ingest=free_port()),
         }
     )
     await ensure_topics(isolated)
@@ -225,7 +217,7 @@ async def test_every_kind_of_bad_input_is_dead_lettered_with_its_reason(
 async def test_readyz_reports_ready_and_metrics_count_messages(
     isolated: Settings, bridge: Bridge, publisher: Publisher
 ) -> None:
-    from ingest.http import start_http
+    from posflow.http import start_http
 
     runner = await start_http(
         "127.0.0.1", isolated.services.ingest, bridge.metrics.registry, bridge.is_ready

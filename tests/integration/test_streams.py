@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,17 +19,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from posflow.contracts import Accepted, validate_message
 from posflow.settings import KafkaSettings, PostgresSettings, Settings
 from posflow.stack import ensure_topics
-from tests.conftest import ROOT, unique
+from tests.conftest import ROOT, free_port, unique
 from tests.unit import samples
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Health:
@@ -55,7 +47,7 @@ class Health:
             "POSFLOW_POSTGRES__DATABASE": pg.database,
             "POSFLOW_STREAMS__APP_ID": self.app_id,
             "POSFLOW_STREAMS__TICK_S": "0.2",
-            "POSFLOW_SERVICES__STREAMS": str(_free_port()),
+            "POSFLOW_SERVICES__STREAMS": str(free_port()),
         }
         self.procs: list[subprocess.Popen[bytes]] = []
 

@@ -27,7 +27,7 @@ def _envelope(seq: int, ts: float, **over: object) -> bytes:
 
 async def test_agent_closes_a_window_and_keeps_the_open_one_provisional() -> None:
     health = build(Settings(streams=StreamsSettings(app_id="unit-health", grace_s=10)))
-    _route, process = health.agents  # type: ignore[attr-defined]
+    _route, process = health.agents
     published: list[dict[str, object]] = []
 
     async def capture(_key: bytes, value: bytes) -> None:

@@ -36,7 +36,6 @@ def txn(txn_id: str, status: str = "approved", latency: int = 400) -> dict[str, 
 def test_a_healthy_terminal_scores_100_with_no_reasons() -> None:
     facts = WindowFacts(signal_type="lte", signal_avg_dbm=-85, battery_level_pct=80,
                         txn_total=20, printer_paper="ok")  # fmt: skip
-    assert score(facts) == score(facts)
     result = score(facts)
     assert (result.score, result.signal, result.battery, result.txn, result.printer) == (
         100, 100, 100, 100, 100,

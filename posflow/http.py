@@ -1,4 +1,4 @@
-"""The bridge's HTTP endpoints: /metrics, /healthz (alive), /readyz (MQTT and Kafka work)."""
+"""Every service's HTTP endpoints: /metrics, /healthz (alive), /readyz (its own readiness)."""
 
 from __future__ import annotations
 
