@@ -32,10 +32,14 @@ class _SeekToStored(ConsumerRebalanceListener):  # type: ignore[misc]
         self.sink = sink
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        return None
+        # A rebalance can start while a batch is being written: let it land first.
+        async with self.sink.writing:
+            pass  # only waiting for it
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        stored = await asyncio.to_thread(self.sink.writer.load_offsets)
+        # Offsets read while a batch is in flight would be one batch behind: wait for it.
+        async with self.sink.writing:
+            stored = await asyncio.to_thread(self.sink.writer.load_offsets)
         for tp in assigned:
             offset = stored.get((tp.topic, tp.partition))
             if offset is None:
@@ -63,6 +67,8 @@ class LedgerSink:
         self.max_records = max_records
         self.after_db_commit = after_db_commit
         self.conn: psycopg.Connection[tuple[Any, ...]] = psycopg.connect(dsn)
+        # Held while a batch is written and committed; rebalances wait on it.
+        self.writing = asyncio.Lock()
         self.writer = LedgerWriter(self.conn, consumer_group=group)
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
@@ -84,9 +90,10 @@ class LedgerSink:
             return None
         offsets = {(tp.topic, tp.partition): recs[-1].offset + 1 for tp, recs in batches.items()}
         entries = self.to_entries(records)
-        result = await asyncio.to_thread(self.writer.write, entries, offsets)
-        if self.after_db_commit is not None:
-            self.after_db_commit(result)
+        async with self.writing:
+            result = await asyncio.to_thread(self.writer.write, entries, offsets)
+            if self.after_db_commit is not None:
+                self.after_db_commit(result)
         # Informational only (lag dashboards): the stored offsets are the truth.
         await self.consumer.commit({TopicPartition(t, p): o for (t, p), o in offsets.items()})
         return result
