@@ -204,6 +204,20 @@ def ingest_run() -> None:
     asyncio.run(build(_settings()).run())
 
 
+def _register_services() -> None:
+    # Each service package owns its commands; their modules import heavy parts lazily.
+    from alerts.cli import register as register_alerts
+    from api.cli import register as register_api
+    from simulator.cli import register as register_simulator
+    from streams.settlement_cli import register as register_settlement
+
+    for register in (register_settlement, register_api, register_alerts, register_simulator):
+        register(app)
+
+
+_register_services()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors print one line to stderr and exit non-zero, no traceback."""
     try:

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
+    "AlertsSettings",
+    "ApiSettings",
     "IngestSettings",
     "KafkaSettings",
     "MosquittoSettings",
@@ -22,6 +24,8 @@ __all__ = [
     "PrometheusSettings",
     "ServicePorts",
     "Settings",
+    "SettlementSettings",
+    "SimulatorSettings",
     "StackSettings",
     "StorageSettings",
     "StreamsSettings",
@@ -171,8 +175,36 @@ class ServicePorts(_Section):
     ingest: int = 9401
     streams: int = 9402
     alerts: int = 9403
+    settlement: int = 9404
     api: int = 8400
     simulator: int = 9405
+
+
+class SettlementSettings(_Section):
+    """The settlement worker: transactions -> merchant ledger, balances, cash-flow events."""
+
+    group: str = Field(default="posflow-settlement", description="Kafka consumer group")
+    max_records: int = Field(default=1000, ge=1, description="records per ledger transaction")
+
+
+class ApiSettings(_Section):
+    """The merchant feed API (REST + server-sent events)."""
+
+    workers: int = Field(default=1, ge=1, description="uvicorn worker processes")
+
+
+class AlertsSettings(_Section):
+    """The alert engine."""
+
+    rules_file: Path | None = Field(
+        default=None, description="user rules (YAML) added to the defaults"
+    )
+
+
+class SimulatorSettings(_Section):
+    """The fleet simulator and load test."""
+
+    seed: int = Field(default=42, description="same seed, same fleet, same messages")
 
 
 class Settings(BaseSettings):
@@ -194,3 +226,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = IngestSettings()
     storage: StorageSettings = StorageSettings()
     streams: StreamsSettings = StreamsSettings()
+    settlement: SettlementSettings = SettlementSettings()
+    api: ApiSettings = ApiSettings()
+    alerts: AlertsSettings = AlertsSettings()
+    simulator: SimulatorSettings = SimulatorSettings()

@@ -79,4 +79,10 @@ def pipeline_topics(kafka: KafkaSettings) -> list[TopicSpec]:
             {**keep, "retention.ms": str(30 * _DAY_MS)},
             "alert lifecycle events, keyed by alert fingerprint",
         ),
+        TopicSpec(
+            f"{p}.integrity.v1",
+            n,
+            {**keep, "retention.ms": str(30 * _DAY_MS)},
+            "integrity events (e.g. a transaction id reused with another body), keyed by merchant",
+        ),
     ]

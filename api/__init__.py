@@ -1,0 +1,1 @@
+"""The merchant feed API: balances, history and a live cash-flow stream per merchant."""
