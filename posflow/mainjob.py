@@ -1,0 +1,341 @@
+"""The main job (`posflow demo`, `make demo`): the whole pipeline, supervised, with a live view.
+
+Steps: the local stack up, the database migrated, a demo fleet registered
+(database and MQTT accounts), then every service started as its own
+supervised process exactly as an operator would run it alone (`posflow
+ingest`, `posflow streams worker`, `posflow settlement worker`, `posflow
+alerts run`, `posflow api`), and a simulated fleet publishing over MQTT.
+The console shows what each stage really did, read from the services'
+``/metrics`` and from the database. Ctrl-C (or ``--duration``) stops the
+simulator first, lets the pipeline drain, stops every service with SIGTERM
+and prints a summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from posflow.console import Snapshot, Stage, Watcher, render
+from posflow.errors import PosflowError
+from posflow.settings import Settings
+from posflow.supervisor import ServiceSpec, Supervisor
+
+__all__ = ["MainJobOptions", "Summary", "run_main"]
+
+
+@dataclass(frozen=True)
+class MainJobOptions:
+    terminals: int = 2000
+    merchants: int = 200
+    scenario: str = "demo"
+    duration_s: float | None = None
+    drain_s: float = 20.0
+    refresh_s: float = 1.0
+    fleet_id: str = "demo"
+
+
+@dataclass
+class Summary:
+    seconds: float
+    stages: dict[str, float]
+    alerts_by_rule: dict[str, int]
+    online: int
+    offline: int
+    restarts: dict[str, int]
+    events: list[str] = field(default_factory=list)
+    published: float = 0.0
+    reached_kafka: float = 0.0
+    lost: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2, sort_keys=True)
+
+
+def stages_for(settings: Settings) -> list[Stage]:
+    """What the console counts, stage by stage, from each service's /metrics."""
+    s = settings.services
+    p = settings.kafka.topic_prefix
+    return [
+        Stage("published (MQTT)", "simulate", s.simulator, "posflow_sim_published"),
+        Stage("received from MQTT", "ingest", s.ingest, "posflow_ingest_received"),
+        Stage(
+            "telemetry to Kafka",
+            "ingest",
+            s.ingest,
+            "posflow_ingest_produced",
+            {"topic": f"{p}.telemetry.v1"},
+        ),
+        Stage(
+            "payments to Kafka",
+            "ingest",
+            s.ingest,
+            "posflow_ingest_produced",
+            {"topic": f"{p}.txn.v1"},
+        ),
+        Stage("dead-lettered", "ingest", s.ingest, "posflow_ingest_dead_lettered"),
+        Stage("health events", "streams", s.streams, "posflow_streams_events"),
+        Stage("health rows written", "streams", s.streams, "posflow_streams_sink_rows"),
+        Stage("ledger entries", "settlement", s.settlement, "posflow_settlement_ledger_writes"),
+        Stage("alert evaluations", "alerts", s.alerts, "posflow_alerts_evaluations"),
+        Stage("cash-flow events to clients", "api", s.api, "posflow_api_sse_events_sent"),
+    ]
+
+
+def service_specs(settings: Settings, options: MainJobOptions) -> list[ServiceSpec]:
+    """Each service as an operator runs it alone; all configured by the same settings."""
+    s = settings.services
+    sim_args = [
+        "simulate",
+        "--fleet",
+        options.fleet_id,
+        "--terminals",
+        str(options.terminals),
+        "--merchants",
+        str(options.merchants),
+        "--scenario",
+        options.scenario,
+    ]
+    if options.duration_s is not None:
+        sim_args += ["--duration", f"{options.duration_s:g}"]
+    return [
+        ServiceSpec("ingest", ["ingest"], s.ingest),
+        ServiceSpec("streams", ["streams", "worker"], s.streams),
+        ServiceSpec("settlement", ["settlement", "worker"], s.settlement),
+        ServiceSpec("alerts", ["alerts", "run"], s.alerts),
+        ServiceSpec("api", ["api"], s.api),
+        ServiceSpec("simulate", sim_args, s.simulator, restart=options.duration_s is None),
+    ]
+
+
+def _cli(args: Sequence[str], what: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "posflow.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise PosflowError(
+            f"{what} failed (posflow {' '.join(args)})",
+            fix="see the message below; the stack's state is in `posflow stack status`",
+            detail=(done.stderr or done.stdout)[-2000:],
+        )
+    return done.stdout
+
+
+def _prepare(settings: Settings, options: MainJobOptions, say: Callable[[str], None]) -> None:
+    import psycopg
+
+    from posflow.stack import Stack
+    from posflow.storage.setup import prepare_database
+
+    say("starting the local stack (installs what is missing on first use)")
+    Stack(settings).up(None, progress=lambda line: say(f"  {line}"))
+    say("migrating the database")
+    with psycopg.connect(settings.postgres.dsn(), autocommit=True) as conn:
+        path = prepare_database(conn, settings.storage)
+    say(f"  storage path: {path}")
+    say(f"registering the demo fleet: {options.terminals} terminals, {options.merchants} merchants")
+    _cli(
+        [
+            "fleet",
+            "register",
+            "--fleet",
+            options.fleet_id,
+            "--terminals",
+            str(options.terminals),
+            "--merchants",
+            str(options.merchants),
+        ],
+        "registering the demo fleet",
+    )
+
+
+def _first_merchant(settings: Settings) -> str | None:
+    import psycopg
+
+    with psycopg.connect(settings.postgres.dsn(), connect_timeout=5) as conn:
+        row = conn.execute(
+            "SELECT merchant_id FROM merchants ORDER BY merchant_id LIMIT 1"
+        ).fetchone()
+    return str(row[0]) if row else None
+
+
+def run_main(settings: Settings, options: MainJobOptions, console: Console) -> Summary:
+    """Run the whole pipeline until ``options.duration_s`` passes or Ctrl-C; return a summary."""
+    _prepare(settings, options, lambda line: console.print(line, highlight=False))
+    stages = stages_for(settings)
+    log_dir = Path(settings.stack.dir) / "logs" / "mainjob"
+    events: list[str] = []
+
+    def event(text: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        events.append(f"{stamp} {text}")
+
+    sup = Supervisor(service_specs(settings, options), log_dir=log_dir, on_event=event)
+    watcher = Watcher(stages, settings.postgres.dsn(), _first_merchant(settings))
+    host = settings.services.bind_host
+    addresses = {
+        "merchant API": f"http://{host}:{settings.services.api}/docs",
+        "Prometheus": f"http://{settings.prometheus.host}:{settings.prometheus.port}",
+        "logs": str(log_dir),
+    }
+    stop_requested = False
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    started = time.monotonic()
+    snap: Snapshot | None = None
+    sup.start()
+    event("services started: " + ", ".join(sup.services))
+    try:
+        with Live(console=console, refresh_per_second=2, transient=False) as live:
+            while not stop_requested:
+                elapsed = time.monotonic() - started
+                if options.duration_s is not None and elapsed >= options.duration_s:
+                    break
+                sup.poll()
+                if sup.finished("simulate"):
+                    break
+                snap = watcher.snapshot()
+                live.update(
+                    _frame(
+                        snap,
+                        stages=stages,
+                        addresses=addresses,
+                        events=events,
+                        watcher=watcher,
+                        sup=sup,
+                        elapsed=elapsed,
+                    )
+                )
+                time.sleep(options.refresh_s)
+    except KeyboardInterrupt:
+        event("Ctrl-C: stopping")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        summary = _finish(
+            sup, watcher=watcher, options=options, events=events, started=started, console=console
+        )
+        watcher.close()
+    return summary
+
+
+def _frame(
+    snap: Snapshot,
+    *,
+    stages: list[Stage],
+    addresses: dict[str, str],
+    events: list[str],
+    watcher: Watcher,
+    sup: Supervisor,
+    elapsed: float,
+) -> Any:
+    states = {
+        name: (f"pid {sup.pid(name)}" if sup.pid(name) else "down")
+        + (f", {sup.restarts(name)} restarts" if sup.restarts(name) else "")
+        for name in sup.services
+    }
+    merged = [*events[-4:], *watcher.events][-8:]
+    return render(
+        snap,
+        stages,
+        title=f"posflow - the whole pipeline, {elapsed:,.0f} s  (Ctrl-C stops it cleanly)",
+        addresses=addresses,
+        events=merged,
+        merchant_id=watcher.merchant_id,
+        services=states,
+    )
+
+
+def _finish(
+    sup: Supervisor,
+    *,
+    watcher: Watcher,
+    options: MainJobOptions,
+    events: list[str],
+    started: float,
+    console: Console,
+) -> Summary:
+    # The simulator first, so the pipeline can drain what it already published.
+    sim = sup.services["simulate"]
+    if sim.proc is not None and sim.proc.poll() is None:
+        sim.proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            sim.proc.wait(timeout=15)
+    console.print("draining the pipeline ...", highlight=False)
+    snap = _drain(watcher, options.drain_s)
+    sup.stop()
+    published = snap.stage_totals.get("published (MQTT)", 0.0)
+    received = snap.stage_totals.get("received from MQTT", 0.0)
+    to_kafka = (
+        snap.stage_totals.get("telemetry to Kafka", 0.0)
+        + snap.stage_totals.get("payments to Kafka", 0.0)
+        + snap.stage_totals.get("dead-lettered", 0.0)
+    )
+    summary = Summary(
+        seconds=round(time.monotonic() - started, 1),
+        stages=dict(snap.stage_totals),
+        alerts_by_rule=dict(snap.alerts_by_rule),
+        online=snap.online,
+        offline=snap.offline,
+        restarts={name: sup.restarts(name) for name in sup.services},
+        events=list(events),
+        published=published,
+        reached_kafka=to_kafka,
+        lost=max(0.0, published - received),
+    )
+    _print_summary(summary, console)
+    return summary
+
+
+def _drain(watcher: Watcher, drain_s: float) -> Snapshot:
+    """Snapshots until every stage's total stops moving (or ``drain_s`` passes)."""
+    deadline = time.monotonic() + drain_s
+    snap = watcher.snapshot()
+    while time.monotonic() < deadline:
+        time.sleep(2.0)
+        nxt = watcher.snapshot()
+        if nxt.stage_totals == snap.stage_totals:
+            return nxt
+        snap = nxt
+    return snap
+
+
+def _print_summary(summary: Summary, console: Console) -> None:
+    table = Table(title=f"posflow summary after {summary.seconds:,.0f} s")
+    table.add_column("stage")
+    table.add_column("total", justify="right")
+    for name, value in summary.stages.items():
+        table.add_row(name, f"{value:,.0f}")
+    console.print(table)
+    alerts = ", ".join(f"{rule} {n}" for rule, n in sorted(summary.alerts_by_rule.items()))
+    console.print(f"alerts raised: {alerts or 'none'}", highlight=False)
+    console.print(
+        f"terminals online {summary.online:,}, offline {summary.offline:,}", highlight=False
+    )
+    restarts = {k: v for k, v in summary.restarts.items() if v}
+    console.print(f"service restarts: {restarts or 'none'}", highlight=False)
+    console.print(
+        f"published {summary.published:,.0f}, reached Kafka (incl. dead letters)"
+        f" {summary.reached_kafka:,.0f}, lost {summary.lost:,.0f}",
+        highlight=False,
+    )
