@@ -18,7 +18,6 @@ partitions (and the table's changelog partitions) over them.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -27,6 +26,7 @@ from datetime import datetime
 from typing import Any
 
 import faust
+import orjson
 
 from posflow.settings import Settings
 from streams.metrics import StreamMetrics
@@ -84,7 +84,7 @@ class HealthApp:
     def process(self, batch: list[bytes], table: Any, now: float) -> None:
         touched: dict[str, State] = {}
         for value in batch:
-            event = json.loads(value)
+            event = orjson.loads(value)
             kind, terminal = event["kind"], event["terminal_id"]
             state = touched.get(terminal)
             if state is None:
@@ -137,7 +137,7 @@ class HealthApp:
             self.sink.add_window(record)
             state["health_score"] = record["score"]
             self.outbox.append(
-                (state["terminal_id"].encode(), json.dumps({"type": "window", **record}).encode())
+                (state["terminal_id"].encode(), orjson.dumps({"type": "window", **record}))
             )
 
     def _settle(self, state: State, now: float) -> None:
@@ -156,7 +156,7 @@ class HealthApp:
         self.outbox.append(
             (
                 state["terminal_id"].encode(),
-                json.dumps(
+                orjson.dumps(
                     {
                         "type": "state",
                         "terminal_id": state["terminal_id"],
@@ -165,7 +165,7 @@ class HealthApp:
                         "reason": state["offline_reason"],
                         "at": now,
                     }
-                ).encode(),
+                ),
             )
         )
 
@@ -261,7 +261,7 @@ def build(settings: Settings) -> HealthApp:
         """Payments arrive keyed by merchant; health needs them by terminal."""
         async for batch in stream.take(s.batch_max, within=s.batch_within_s):
             for value in batch:
-                envelope = json.loads(value)
+                envelope = orjson.loads(value)
                 p = envelope["payload"]
                 compact = {
                     "kind": "txn",
@@ -273,7 +273,7 @@ def build(settings: Settings) -> HealthApp:
                     "auth_latency_ms": p["auth_latency_ms"],
                 }
                 await txn_by_terminal.send(
-                    key=p["terminal_id"].encode(), value=json.dumps(compact).encode()
+                    key=p["terminal_id"].encode(), value=orjson.dumps(compact)
                 )
 
     @app.agent(sources, name="health")

@@ -8,11 +8,11 @@ its key, so a replay after a worker restart writes the same rows again.
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import psycopg
 
 from streams.metrics import StreamMetrics
@@ -94,8 +94,8 @@ class HealthSink:
                             _ts(r["window_start"]), _ts(r["window_end"]), r["terminal_id"],
                             r["merchant_id"], r["score"], c["signal"], c["battery"], c["txn"],
                             c["printer"],
-                            json.dumps({"final": r["final"], "reasons": r["reasons"],
-                                        **r["facts"]}),
+                            orjson.dumps({"final": r["final"], "reasons": r["reasons"],
+                                          **r["facts"]}).decode(),
                         )
                     )  # fmt: skip
             cur.execute(
