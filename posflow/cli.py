@@ -208,10 +208,17 @@ def _register_services() -> None:
     # Each service package owns its commands; their modules import heavy parts lazily.
     from alerts.cli import register as register_alerts
     from api.cli import register as register_api
+    from dashboards.cli import register as register_dashboards
     from simulator.cli import register as register_simulator
     from streams.settlement_cli import register as register_settlement
 
-    for register in (register_settlement, register_api, register_alerts, register_simulator):
+    for register in (
+        register_settlement,
+        register_api,
+        register_alerts,
+        register_simulator,
+        register_dashboards,
+    ):
         register(app)
 
 

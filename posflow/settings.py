@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,11 +18,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 __all__ = [
     "AlertsSettings",
     "ApiSettings",
+    "GrafanaSettings",
     "IngestSettings",
     "KafkaSettings",
     "MosquittoSettings",
     "PostgresSettings",
     "PrometheusSettings",
+    "SecuritySettings",
     "ServicePorts",
     "Settings",
     "SettlementSettings",
@@ -99,6 +102,9 @@ class PostgresSettings(_Section):
 class MosquittoSettings(_Section):
     host: str = _LOOPBACK
     port: int = Field(default=11883, ge=1, le=65535)
+    tls_port: int = Field(
+        default=18883, ge=1, le=65535, description="TLS listener (client certificates, TLS 1.2+)"
+    )
     service_user: str = Field(default="posflow-svc", description="account of posflow's services")
     service_password: SecretStr = SecretStr("posflow-svc-dev")
     max_connections: int = Field(default=-1, description="-1: unlimited (bounded by nofile)")
@@ -185,12 +191,37 @@ class SettlementSettings(_Section):
 
     group: str = Field(default="posflow-settlement", description="Kafka consumer group")
     max_records: int = Field(default=1000, ge=1, description="records per ledger transaction")
+    poll_ms: int = Field(default=100, ge=1, le=10_000, description="max wait to fill a batch")
+    release_interval_s: float = Field(
+        default=60.0, gt=0, description="how often pending money past its cut-off is released"
+    )
+    outbox_interval_s: float = Field(
+        default=1.0, gt=0, description="how often unpublished cash-flow/integrity events are sent"
+    )
 
 
 class ApiSettings(_Section):
     """The merchant feed API (REST + server-sent events)."""
 
-    workers: int = Field(default=1, ge=1, description="uvicorn worker processes")
+    workers: int = Field(
+        default=1, ge=1, description="uvicorn worker processes (rate limits are per process)"
+    )
+    rate_per_s: float = Field(
+        default=20.0, gt=0, description="token bucket refill per API key, per API process"
+    )
+    rate_burst: int = Field(default=40, ge=1, description="token bucket size per API key")
+    page_max: int = Field(default=500, ge=1, description="largest `limit` a page may ask for")
+    page_default: int = Field(default=100, ge=1, description="`limit` when none is given")
+    db_pool_max: int = Field(default=10, ge=1, description="PostgreSQL connections per process")
+    sse_heartbeat_s: float = Field(default=15.0, gt=0, description="keep-alive comment period")
+    sse_poll_s: float = Field(
+        default=5.0, gt=0, description="re-read streams this often in case a NOTIFY was missed"
+    )
+    sse_queue_max: int = Field(
+        default=10_000, ge=1, description="events buffered per SSE client before it is dropped"
+    )
+    sse_retry_ms: int = Field(default=1000, ge=0, description="reconnect delay told to clients")
+    shutdown_grace_s: float = Field(default=10.0, gt=0, description="drain time on SIGTERM")
 
 
 class AlertsSettings(_Section):
@@ -199,12 +230,76 @@ class AlertsSettings(_Section):
     rules_file: Path | None = Field(
         default=None, description="user rules (YAML) added to the defaults"
     )
+    group: str = Field(default="posflow-alerts", description="offsets key in consumer_offsets")
+    tick_s: float = Field(default=0.5, gt=0, description="for-timers, silences, expiry checks")
+    max_records: int = Field(default=2000, ge=1, description="records per state transaction")
+    reload_poll_s: float = Field(default=2.0, gt=0, description="rules file change check")
+    reference_refresh_s: float = Field(default=60.0, gt=0, description="merchants/terminals")
+    area_deg: float = Field(default=0.1, gt=0, description="grid cell of an 'area' (degrees)")
+    webhook_url: str | None = Field(default=None, description="signed webhook receiver")
+    webhook_secret: SecretStr = SecretStr("posflow-alerts-dev")
+    webhook_timeout_s: float = Field(default=5.0, gt=0)
+    retry_schedule_s: list[float] = Field(
+        default=[1, 2, 4, 8, 15, 30, 30, 30, 60, 60, 120, 300],
+        description="waits between webhook attempts; after the last: dead letter (~11 min)",
+    )
+    log_notifications: bool = Field(default=True, description="the log channel")
 
 
 class SimulatorSettings(_Section):
     """The fleet simulator and load test."""
 
     seed: int = Field(default=42, description="same seed, same fleet, same messages")
+
+
+class SecuritySettings(_Section):
+    """Terminal PKI, merchant keys, TLS of client connections, the deployment profile."""
+
+    profile: Literal["dev", "production"] = Field(
+        default="dev", description="production: services refuse the repo's dev credentials"
+    )
+    mqtt_tls: bool = Field(default=True, description="Mosquitto gets the TLS listener")
+    mqtt_password_auth: bool = Field(
+        default=True, description="password listener + accounts (development; off in production)"
+    )
+    pki_dir: Path | None = Field(default=None, description="CA and certificates; <stack>/pki")
+    cert_days: int = Field(default=397, ge=1, description="terminal certificate lifetime")
+    master_key: SecretStr | None = Field(
+        default=None, description="base64 of 32 bytes; or master_key_file"
+    )
+    master_key_file: Path | None = Field(
+        default=None, description="file holding the master key (mode 0600); dev: <stack>/keys"
+    )
+    postgres_sslmode: Literal[
+        "disable", "allow", "prefer", "require", "verify-ca", "verify-full"
+    ] = Field(default="prefer", description="libpq sslmode of posflow's connections")
+    postgres_sslrootcert: Path | None = None
+    postgres_sslcert: Path | None = None
+    postgres_sslkey: Path | None = None
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL"] = "PLAINTEXT"
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+
+
+class GrafanaSettings(_Section):
+    """Where `posflow dashboards publish` pushes the dashboards."""
+
+    url: str = Field(default="http://127.0.0.1:3000", description="Grafana's base URL")
+    token: SecretStr | None = Field(
+        default=None, description="service-account token; else basic auth with user/password"
+    )
+    user: str = Field(default="admin", description="basic-auth user (when no token)")
+    password: SecretStr | None = Field(default=None, description="basic-auth password")
+    folder: str = Field(default="posflow", description="folder title, created when missing")
+    folder_uid: str = Field(default="posflow", description="folder uid")
+    postgres_datasource: str = Field(
+        default="posflow-pg", description="uid or name of Grafana's PostgreSQL datasource"
+    )
+    prometheus_datasource: str = Field(
+        default="posflow-prom", description="uid or name of Grafana's Prometheus datasource"
+    )
+    timeout_s: float = Field(default=10.0, gt=0, description="per HTTP request")
 
 
 class Settings(BaseSettings):
@@ -230,3 +325,5 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     alerts: AlertsSettings = AlertsSettings()
     simulator: SimulatorSettings = SimulatorSettings()
+    security: SecuritySettings = SecuritySettings()
+    grafana: GrafanaSettings = GrafanaSettings()
