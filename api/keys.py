@@ -1,0 +1,116 @@
+"""Per-merchant API keys: ``pf_<key_id>_<secret>``, stored as SHA-256 of the secret.
+
+The key id is public (it names the key in lists, logs and revocations); the
+secret is 32 random bytes shown once at issue. Lookup is by key id, then a
+constant-time comparison of the hashes. A plain SHA-256 is enough because the
+secret has 256 bits of entropy (no dictionary to try), and it spares the
+service a pepper that would have to be kept, shared and rotated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+
+from posflow.errors import PosflowError
+
+__all__ = [
+    "ApiKey",
+    "IssuedKey",
+    "KeyRecord",
+    "hash_matches",
+    "issue_key",
+    "list_keys",
+    "parse_key",
+    "revoke_key",
+    "secret_hash",
+]
+
+_PREFIX = "pf"
+_KEY = re.compile(r"^pf_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A key as presented by a client, split into its parts."""
+
+    key_id: str
+    secret: str
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    key_id: str
+    merchant_id: str
+    token: str  # the only time the full key exists outside the client
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    key_id: str
+    merchant_id: str
+    label: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+def secret_hash(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def parse_key(token: str) -> ApiKey | None:
+    """The parts of a well-formed key, else None (never says which part was wrong)."""
+    match = _KEY.match(token)
+    return ApiKey(match.group(1), match.group(2)) if match else None
+
+
+def hash_matches(secret: str, stored: bytes) -> bool:
+    return hmac.compare_digest(secret_hash(secret), stored)
+
+
+def issue_key(conn: psycopg.Connection[Any], merchant_id: str, label: str = "") -> IssuedKey:
+    """Create a key for a merchant; the returned token is not stored anywhere."""
+    if not merchant_id.strip():
+        raise PosflowError("a merchant id is required", fix="pass --merchant MERCHANT_ID")
+    key_id = secrets.token_hex(8)
+    secret = secrets.token_urlsafe(32)
+    conn.execute(
+        "INSERT INTO merchant_api_keys (key_id, merchant_id, secret_sha256, label)"
+        " VALUES (%s, %s, %s, %s)",
+        [key_id, merchant_id, secret_hash(secret), label],
+    )
+    return IssuedKey(key_id, merchant_id, f"{_PREFIX}_{key_id}_{secret}")
+
+
+def revoke_key(conn: psycopg.Connection[Any], key_id: str) -> KeyRecord:
+    """Revoke a key (idempotent: a revoked key keeps its first revocation time)."""
+    row = conn.execute(
+        """
+        UPDATE merchant_api_keys SET revoked_at = coalesce(revoked_at, now())
+         WHERE key_id = %s
+        RETURNING key_id, merchant_id, label, created_at, revoked_at
+        """,
+        [key_id],
+    ).fetchone()
+    if row is None:
+        raise PosflowError(
+            f"no API key with id {key_id!r}",
+            fix="list the merchant's keys with `posflow api keys list --merchant M`",
+        )
+    return KeyRecord(*row)
+
+
+def list_keys(conn: psycopg.Connection[Any], merchant_id: str) -> list[KeyRecord]:
+    rows = conn.execute(
+        "SELECT key_id, merchant_id, label, created_at, revoked_at FROM merchant_api_keys"
+        " WHERE merchant_id = %s ORDER BY created_at, key_id",
+        [merchant_id],
+    ).fetchall()
+    return [KeyRecord(*row) for row in rows]
