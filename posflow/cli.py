@@ -209,6 +209,7 @@ def _register_services() -> None:
     from alerts.cli import register as register_alerts
     from api.cli import register as register_api
     from dashboards.cli import register as register_dashboards
+    from posflow.security.cli import register as register_security
     from simulator.cli import register as register_simulator
     from streams.settlement_cli import register as register_settlement
 
@@ -218,6 +219,7 @@ def _register_services() -> None:
         register_alerts,
         register_simulator,
         register_dashboards,
+        register_security,
     ):
         register(app)
 

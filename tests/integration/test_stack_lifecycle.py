@@ -34,6 +34,7 @@ OTHER_PORTS = {
     "POSFLOW_KAFKA__CONTROLLER_PORT": "29093",
     "POSFLOW_POSTGRES__PORT": "25432",
     "POSFLOW_MOSQUITTO__PORT": "21883",
+    "POSFLOW_MOSQUITTO__TLS_PORT": "28883",
     "POSFLOW_PROMETHEUS__PORT": "29090",
 }
 
@@ -52,7 +53,7 @@ def _other_settings(directory: Path, **stack: object) -> Settings:
         stack=StackSettings(dir=directory, cache_dir=ROOT / ".stack" / "cache", **stack),
         kafka=KafkaSettings(port=29092, controller_port=29093),
         postgres=PostgresSettings(port=25432),
-        mosquitto=MosquittoSettings(port=21883),
+        mosquitto=MosquittoSettings(port=21883, tls_port=28883),
         prometheus=PrometheusSettings(port=29090),
     )
 

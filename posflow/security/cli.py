@@ -1,0 +1,387 @@
+"""``posflow pki``, ``posflow keys`` and ``posflow audit``.
+
+Every change (certificate issued or revoked, merchant key issued, rotated or revoked)
+is recorded in the audit trail with the operator (``--actor``, default: the login
+name), the role ``security_admin`` and the source ``cli:<user>@<host>``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import socket
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from posflow.errors import PosflowError
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from posflow.security.roles import Principal
+    from posflow.settings import Settings
+
+__all__ = ["register"]
+
+pki_app = typer.Typer(help="Terminal certificates: the project CA, issue, list, revoke (TLS).")
+keys_app = typer.Typer(help="Merchant keys: issue, rotate, revoke (crypto-shredding), status.")
+audit_app = typer.Typer(help="The hash-chained audit trail: verify, tail, head.")
+
+Actor = Annotated[
+    str | None, typer.Option("--actor", help="who acts (recorded); default: your login name")
+]
+
+
+def register(app: typer.Typer) -> None:
+    """Add the security subcommands to the ``posflow`` command line."""
+    app.add_typer(pki_app, name="pki")
+    app.add_typer(keys_app, name="keys")
+    app.add_typer(audit_app, name="audit")
+
+
+def _echo(line: str) -> None:
+    typer.echo(line)
+
+
+def _settings() -> Settings:
+    from pydantic import ValidationError
+
+    from posflow.security.production import refuse_dev_defaults
+    from posflow.settings import Settings
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = "POSFLOW_" + "__".join(str(p).upper() for p in first["loc"])
+        raise PosflowError(
+            f"invalid setting {where}: {first['msg']}",
+            fix=f"correct or unset the environment variable {where}",
+        ) from None
+    refuse_dev_defaults(settings)
+    return settings
+
+
+def _principal(actor: str | None) -> Principal:
+    from posflow.security.roles import Principal, Role
+
+    return Principal(actor or getpass.getuser(), Role.SECURITY_ADMIN)
+
+
+def _source() -> str:
+    return f"cli:{getpass.getuser()}@{socket.gethostname()}"
+
+
+def _connect(settings: Settings) -> psycopg.Connection[Any]:
+    import psycopg
+
+    from posflow.security.tls import postgres_dsn
+
+    try:
+        return psycopg.connect(postgres_dsn(settings), autocommit=True)
+    except psycopg.OperationalError as exc:
+        pg = settings.postgres
+        raise PosflowError(
+            f"cannot connect to PostgreSQL at {pg.host}:{pg.port} database {pg.database}: "
+            f"{str(exc).strip().splitlines()[0]}",
+            fix="start it (`posflow stack up postgres`) and run `posflow db migrate`",
+        ) from None
+
+
+def _require_schema(conn: psycopg.Connection[Any]) -> None:
+    row = conn.execute("SELECT to_regclass('audit_log') IS NOT NULL").fetchone()
+    if not row or not row[0]:
+        raise PosflowError(
+            "the audit trail's tables are missing", fix="run `posflow db migrate` first"
+        )
+
+
+# -- pki ------------------------------------------------------------------------------
+
+
+@pki_app.command("init")
+def pki_init() -> None:
+    """Create the CA and the broker's certificate if missing (`stack up` does it too)."""
+    from posflow.security.pki import Pki
+
+    settings = _settings()
+    pki = Pki.from_settings(settings)
+    created = pki.ensure_ca()
+    m = settings.mosquitto
+    pki.ensure_server_cert(sorted({m.host, "127.0.0.1", "localhost"}))
+    _echo(f"CA {'created' if created else 'present'}: {pki.ca_cert_path} (key 0600)")
+
+
+@pki_app.command("issue")
+def pki_issue(
+    terminal_id: Annotated[str, typer.Argument(help="terminal id = certificate common name")],
+    days: Annotated[int | None, typer.Option(help="lifetime (default security.cert_days)")] = None,
+    actor: Actor = None,
+) -> None:
+    """Issue a terminal's client certificate; its common name is its MQTT username."""
+    from posflow.security.audit import record
+    from posflow.security.pki import Pki
+    from posflow.security.roles import Action, Target, authorize_audited
+
+    settings = _settings()
+    principal, source = _principal(actor), _source()
+    target = Target("terminal", terminal_id)
+    with _connect(settings) as conn:
+        _require_schema(conn)
+        authorize_audited(conn, principal, Action.CERT_ISSUE, target, source=source)
+        pki = Pki.from_settings(settings)
+        cert = pki.issue(terminal_id, days=days or settings.security.cert_days)
+        record(
+            conn,
+            actor=principal.id,
+            role=principal.role.value,
+            action=Action.CERT_ISSUE.value,
+            target=str(target),
+            source=source,
+            detail={"serial": cert.serial, "not_after": cert.not_after},
+        )
+    _echo(f"issued {terminal_id} serial {cert.serial} valid until {cert.not_after}")
+    _echo(f"  certificate {pki.cert_path(terminal_id)}")
+    _echo(f"  private key {pki.key_path(terminal_id)} (0600: deliver it to the terminal)")
+    _echo(f"  CA          {pki.ca_cert_path}")
+
+
+@pki_app.command("list")
+def pki_list() -> None:
+    """Every certificate issued, with its status."""
+    from posflow.security.pki import Pki
+
+    for r in Pki.from_settings(_settings()).records():
+        extra = f"  revoked {r.revoked_at} ({r.reason})" if r.status == "revoked" else ""
+        _echo(f"{r.name:<24} {r.kind:<8} {r.serial:<40} {r.status:<7} until {r.not_after}{extra}")
+
+
+@pki_app.command("revoke")
+def pki_revoke(
+    terminal_id: Annotated[str, typer.Argument(help="terminal whose certificate to revoke")],
+    reason: Annotated[str, typer.Option(help="why (recorded)")] = "unspecified",
+    restart: Annotated[
+        bool,
+        typer.Option(
+            help="restart the stack's broker so a revoked terminal that is connected "
+            "right now is cut off too (a moment's outage on every listener)"
+        ),
+    ] = False,
+    actor: Actor = None,
+) -> None:
+    """Revoke a terminal's certificate; the stack's broker re-reads its CRL (SIGHUP)."""
+    from posflow.security.audit import record
+    from posflow.security.pki import Pki
+    from posflow.security.roles import Action, Target, authorize_audited
+
+    settings = _settings()
+    principal, source = _principal(actor), _source()
+    target = Target("terminal", terminal_id)
+    with _connect(settings) as conn:
+        _require_schema(conn)
+        authorize_audited(conn, principal, Action.CERT_REVOKE, target, source=source)
+        revoked = Pki.from_settings(settings).revoke(terminal_id, reason=reason)
+        record(
+            conn,
+            actor=principal.id,
+            role=principal.role.value,
+            action=Action.CERT_REVOKE.value,
+            target=str(target),
+            source=source,
+            detail={"serials": [r.serial for r in revoked], "reason": reason},
+        )
+    _echo(f"revoked {terminal_id}: serials {', '.join(r.serial for r in revoked)}")
+    _echo(_apply_to_broker(settings, restart=restart))
+
+
+def _apply_to_broker(settings: Settings, *, restart: bool) -> str:
+    from posflow.stack import Stack
+
+    stack = Stack(settings)
+    broker = stack.mosquitto
+    if not broker.process.running():
+        return "the stack's broker is not running: it reads the CRL when it starts"
+    if restart:
+        broker.configure()
+        broker.process.stop(settings.stack.stop_timeout_s)
+        stack.up(["mosquitto"])
+        return "broker restarted with the new CRL (live sessions of revoked terminals cut)"
+    broker.install_tls_files()
+    broker.process.reload()
+    return (
+        "broker re-reads the CRL (SIGHUP): new connections with the revoked certificate are "
+        "refused; one already connected stays until it reconnects (use --restart to cut it)"
+    )
+
+
+@pki_app.command("refresh-crl")
+def pki_refresh_crl() -> None:
+    """Re-sign the CRL (it is valid 30 days) and have the stack's broker re-read it."""
+    from posflow.security.pki import Pki
+
+    settings = _settings()
+    Pki.from_settings(settings).refresh_crl()
+    _echo(_apply_to_broker(settings, restart=False))
+
+
+@pki_app.command("apply")
+def pki_apply(
+    restart: Annotated[
+        bool, typer.Option(help="restart the broker if its configuration changed listeners")
+    ] = False,
+) -> None:
+    """Write the broker's configuration and TLS files; reload it (SIGHUP) or restart it."""
+    from posflow.stack import Stack
+    from posflow.stack._process import port_answers
+
+    settings = _settings()
+    broker = Stack(settings).mosquitto
+    m = settings.mosquitto
+    if not broker.process.running():
+        _echo("the stack's broker is not running: `posflow stack up mosquitto` configures it")
+        return
+    tls_up = port_answers(m.host, m.tls_port)
+    if settings.security.mqtt_tls and not tls_up and not restart:
+        raise PosflowError(
+            f"the running broker has no TLS listener on {m.host}:{m.tls_port} yet; "
+            "Mosquitto adds listeners only when it starts",
+            fix="`posflow pki apply --restart` (a moment's outage on every listener), "
+            "or it comes with the next start of the stack's broker",
+        )
+    _echo(_apply_to_broker(settings, restart=restart))
+
+
+# -- keys -----------------------------------------------------------------------------
+
+MerchantId = Annotated[str, typer.Argument(help="merchant id")]
+
+
+@keys_app.command("issue")
+def keys_issue(merchant_id: MerchantId, actor: Actor = None) -> None:
+    """Create the merchant's key (its secrets can then be stored)."""
+    from posflow.security.keys import issue_merchant_key, master_key_from_settings
+
+    settings = _settings()
+    with _connect(settings) as conn:
+        _require_schema(conn)
+        version = issue_merchant_key(
+            conn,
+            master_key_from_settings(settings),
+            merchant_id,
+            actor=_principal(actor),
+            source=_source(),
+        )
+    _echo(f"merchant {merchant_id}: key version {version} active")
+
+
+@keys_app.command("rotate")
+def keys_rotate(merchant_id: MerchantId, actor: Actor = None) -> None:
+    """New key version; re-encrypt the merchant's secrets; retire the old version."""
+    from posflow.security.keys import master_key_from_settings, rotate_merchant_key
+
+    settings = _settings()
+    with _connect(settings) as conn:
+        _require_schema(conn)
+        result = rotate_merchant_key(
+            conn,
+            master_key_from_settings(settings),
+            merchant_id,
+            actor=_principal(actor),
+            source=_source(),
+        )
+    _echo(
+        f"merchant {merchant_id}: key version {result.new_version} active, "
+        f"{result.reencrypted} secrets re-encrypted, retired {result.old_versions}"
+    )
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    merchant_id: MerchantId,
+    reason: Annotated[str, typer.Option(help="why (recorded)")] = "unspecified",
+    yes: Annotated[bool, typer.Option("--yes", help="confirm: this cannot be undone")] = False,
+    actor: Actor = None,
+) -> None:
+    """Revoke the merchant's key: its secrets become unreadable, its API keys invalid."""
+    from posflow.security.keys import revoke_merchant_key
+
+    if not yes:
+        raise PosflowError(
+            f"revoking {merchant_id}'s key destroys its encrypted secrets for good",
+            fix="add --yes to confirm",
+        )
+    settings = _settings()
+    with _connect(settings) as conn:
+        _require_schema(conn)
+        versions = revoke_merchant_key(
+            conn, merchant_id, actor=_principal(actor), source=_source(), reason=reason
+        )
+    _echo(f"merchant {merchant_id}: key versions {versions} revoked (secrets shredded)")
+
+
+@keys_app.command("status")
+def keys_status(merchant_id: MerchantId) -> None:
+    """The merchant's key versions."""
+    from posflow.security.keys import key_versions
+
+    settings = _settings()
+    with _connect(settings) as conn:
+        _require_schema(conn)
+        rows = key_versions(conn, merchant_id)
+    if not rows:
+        _echo(f"merchant {merchant_id}: no key")
+    for v in rows:
+        by = f" revoked by {v.revoked_by}" if v.revoked_by else ""
+        _echo(f"v{v.version:<4} {v.status:<9} created by {v.created_by}{by}")
+
+
+# -- audit ----------------------------------------------------------------------------
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Check the whole chain; names the first broken record and exits 1 if any."""
+    from posflow.security.audit import verify
+
+    settings = _settings()
+    with _connect(settings) as conn:
+        _require_schema(conn)
+        result = verify(conn)
+    if not result.ok:
+        raise PosflowError(
+            f"audit trail broken at record #{result.broken_seq}: {result.reason} "
+            f"({result.checked} records verified before it)",
+            fix="restore the audit_log table from a backup and investigate who changed it",
+        )
+    _echo(f"audit trail intact: {result.checked} records, head #{result.head_seq}")
+
+
+@audit_app.command("tail")
+def audit_tail(
+    lines: Annotated[int, typer.Option("--lines", "-n", help="how many records")] = 20,
+    target: Annotated[str | None, typer.Option(help="only this target (kind:id)")] = None,
+) -> None:
+    """The newest records."""
+    from posflow.security.audit import records
+
+    settings = _settings()
+    with _connect(settings) as conn:
+        _require_schema(conn)
+        rows = records(conn, target=target, limit=lines)
+    for r in rows:
+        _echo(
+            f"#{r.seq} {r.at.isoformat(timespec='seconds')} {r.actor} ({r.role}) "
+            f"{r.action} {r.target} from {r.source}: {r.outcome} {r.detail or ''}"
+        )
+
+
+@audit_app.command("head")
+def audit_head() -> None:
+    """The chain head (sequence and hash): copy it somewhere else to anchor the chain."""
+    settings = _settings()
+    with _connect(settings) as conn:
+        _require_schema(conn)
+        row = conn.execute("SELECT seq, hash FROM audit_chain_head WHERE id").fetchone()
+    if row is None:
+        raise PosflowError("the audit chain head row is missing")
+    _echo(f"#{row[0]} {row[1]}")
