@@ -1,3 +1,6 @@
 """Proactive support alerts: rules, engine, notifiers (see docs/architecture.md)."""
 
-__all__: list[str] = []
+from alerts.engine import Alert, Engine, Notification, Silence
+from alerts.rules import Rule, RuleSet, load_rules
+
+__all__ = ["Alert", "Engine", "Notification", "Rule", "RuleSet", "Silence", "load_rules"]
