@@ -9,6 +9,7 @@ runs it by hand.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from datetime import UTC, datetime, timedelta
 
@@ -65,17 +66,33 @@ def refresh_hourly_rollup(
     return upto
 
 
+# pg_advisory_lock key for maintenance: first 8 bytes of sha256("posflow.maintenance").
+_LOCK_KEY = int.from_bytes(hashlib.sha256(b"posflow.maintenance").digest()[:8], "big", signed=True)
+
+
 def maintain(
     conn: psycopg.Connection[tuple[object, ...]],
     retention: RetentionDays,
     *,
     now: datetime | None = None,
 ) -> dict[str, object]:
-    """Partitions ahead, hourly rollup refreshed, expired partitions dropped."""
+    """Partitions ahead, hourly rollup refreshed, expired partitions dropped.
+
+    Every service runs this at start: a session advisory lock makes concurrent
+    starts take turns (the second one finds the partitions already there).
+    """
     now = now or datetime.now(UTC)
-    created = ensure_partitions(conn, today=now.date())
-    watermark = refresh_hourly_rollup(conn, now=now)
-    dropped = drop_expired_partitions(conn, retention, today=now.date())
+    conn.execute("SELECT pg_advisory_lock(%s)", [_LOCK_KEY])
+    try:
+        created = ensure_partitions(conn, today=now.date())
+        watermark = refresh_hourly_rollup(conn, now=now)
+        dropped = drop_expired_partitions(conn, retention, today=now.date())
+    finally:
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            conn.rollback()
+        conn.execute("SELECT pg_advisory_unlock(%s)", [_LOCK_KEY])
+        if not conn.autocommit:
+            conn.commit()
     if created or dropped:
         log.info("partitions created %s, dropped %s", created, dropped)
     return {"created": created, "dropped": dropped, "rollup_1h_upto": watermark}
