@@ -15,12 +15,13 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
+from api.access import Access
 from api.auth import Authenticator
 from api.feed import FeedHub
 from api.metrics import ApiMetrics, RequestMetricsMiddleware
 from api.problems import install_handlers
 from api.ratelimit import RateLimiter
-from api.routes import ApiContext, make_router
+from api.routes import ApiContext, make_router, make_staff_router
 from posflow.settings import Settings
 
 __all__ = ["ApiService", "app_from_environment", "build", "create_app"]
@@ -30,9 +31,12 @@ log = logging.getLogger("posflow.api")
 _DESCRIPTION = """\
 Balances, transaction history and a live cash-flow stream, per merchant.
 
-* Authenticate with `Authorization: Bearer pf_<key id>_<secret>` (one key per merchant,
-  issued with `posflow api keys issue`).
-* A key sees only its merchant: another merchant's id answers 404, like one that does not exist.
+* Authenticate with `Authorization: Bearer pf_<key id>_<secret>` (issued with
+  `posflow api keys issue`). A key has a role: `merchant` keys read their own merchant
+  (another merchant's id answers 404, like one that does not exist); staff keys read what
+  their role allows (`finance`: every merchant's data; `support_agent`/`support_lead`: the
+  merchant list without money); other refusals answer 403 and are recorded in the audit trail.
+* A merchant whose merchant key was revoked (crypto-shredded) is refused with 401.
 * Money is integer minor units with an ISO 4217 currency.
 * Errors are RFC 9457 problem details (`application/problem+json`); a bad parameter is named in
   `errors[].name`.
@@ -56,10 +60,12 @@ def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> FastAPI
         name="posflow-api",
     )
     hub = FeedHub(pool, conninfo, metrics, poll_s=api.sse_poll_s)
+    access = Access(conninfo, audit_staff_reads=api.audit_staff_reads)
     ctx = ApiContext(
         settings=api,
         pool=pool,
         auth=Authenticator(pool),
+        access=access,
         limiter=RateLimiter(api.rate_per_s, api.rate_burst),
         hub=hub,
         metrics=metrics,
@@ -74,6 +80,7 @@ def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> FastAPI
         finally:
             await hub.stop()
             await pool.close()
+            await asyncio.to_thread(access.close)
 
     app = FastAPI(
         title="posflow merchant feed API",
@@ -83,6 +90,7 @@ def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> FastAPI
     )
     app.state.ctx = ctx
     install_handlers(app)
+    app.include_router(make_staff_router(api))
     app.include_router(make_router(api))
 
     @app.get("/healthz", include_in_schema=False)

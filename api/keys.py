@@ -1,5 +1,8 @@
 """Per-merchant API keys: ``pf_<key_id>_<secret>``, stored as SHA-256 of the secret.
 
+Every key has a role (``posflow.security.roles.Role``): a merchant key reads its own
+merchant; staff keys (support, finance, security) read what the role matrix allows.
+
 The key id is public (it names the key in lists, logs and revocations); the
 secret is 32 random bytes shown once at issue. Lookup is by key id, then a
 constant-time comparison of the hashes. A plain SHA-256 is enough because the
@@ -20,6 +23,7 @@ from typing import Any
 import psycopg
 
 from posflow.errors import PosflowError
+from posflow.security.roles import Role
 
 __all__ = [
     "ApiKey",
@@ -48,17 +52,19 @@ class ApiKey:
 @dataclass(frozen=True)
 class IssuedKey:
     key_id: str
-    merchant_id: str
+    merchant_id: str | None
     token: str  # the only time the full key exists outside the client
+    role: Role = Role.MERCHANT
 
 
 @dataclass(frozen=True)
 class KeyRecord:
     key_id: str
-    merchant_id: str
+    merchant_id: str | None
     label: str
     created_at: datetime
     revoked_at: datetime | None
+    role: Role = Role.MERCHANT
 
 
 def secret_hash(secret: str) -> bytes:
@@ -75,18 +81,35 @@ def hash_matches(secret: str, stored: bytes) -> bool:
     return hmac.compare_digest(secret_hash(secret), stored)
 
 
-def issue_key(conn: psycopg.Connection[Any], merchant_id: str, label: str = "") -> IssuedKey:
-    """Create a key for a merchant; the returned token is not stored anywhere."""
-    if not merchant_id.strip():
-        raise PosflowError("a merchant id is required", fix="pass --merchant MERCHANT_ID")
+def issue_key(
+    conn: psycopg.Connection[Any],
+    merchant_id: str | None,
+    label: str = "",
+    *,
+    role: Role = Role.MERCHANT,
+    created_by: str = "",
+) -> IssuedKey:
+    """Create a key; the returned token is not stored anywhere.
+
+    A merchant key (``Role.MERCHANT``) is bound to ``merchant_id``; a staff key
+    (support, finance, security) is bound to no merchant and reads what its role allows.
+    """
+    if role is Role.MERCHANT:
+        if merchant_id is None or not merchant_id.strip():
+            raise PosflowError("a merchant key needs a merchant id", fix="pass --merchant M")
+    elif merchant_id is not None:
+        raise PosflowError(
+            f"a {role} key is not bound to a merchant (got --merchant {merchant_id})",
+            fix="leave out --merchant for staff roles; their access comes from the role",
+        )
     key_id = secrets.token_hex(8)
     secret = secrets.token_urlsafe(32)
     conn.execute(
-        "INSERT INTO merchant_api_keys (key_id, merchant_id, secret_sha256, label)"
-        " VALUES (%s, %s, %s, %s)",
-        [key_id, merchant_id, secret_hash(secret), label],
+        "INSERT INTO merchant_api_keys (key_id, merchant_id, secret_sha256, label, role,"
+        " created_by) VALUES (%s, %s, %s, %s, %s, %s)",
+        [key_id, merchant_id, secret_hash(secret), label, role.value, created_by],
     )
-    return IssuedKey(key_id, merchant_id, f"{_PREFIX}_{key_id}_{secret}")
+    return IssuedKey(key_id, merchant_id, f"{_PREFIX}_{key_id}_{secret}", role)
 
 
 def revoke_key(conn: psycopg.Connection[Any], key_id: str) -> KeyRecord:
@@ -95,7 +118,7 @@ def revoke_key(conn: psycopg.Connection[Any], key_id: str) -> KeyRecord:
         """
         UPDATE merchant_api_keys SET revoked_at = coalesce(revoked_at, now())
          WHERE key_id = %s
-        RETURNING key_id, merchant_id, label, created_at, revoked_at
+        RETURNING key_id, merchant_id, label, created_at, revoked_at, role
         """,
         [key_id],
     ).fetchone()
@@ -104,13 +127,22 @@ def revoke_key(conn: psycopg.Connection[Any], key_id: str) -> KeyRecord:
             f"no API key with id {key_id!r}",
             fix="list the merchant's keys with `posflow api keys list --merchant M`",
         )
-    return KeyRecord(*row)
+    return _record(row)
 
 
-def list_keys(conn: psycopg.Connection[Any], merchant_id: str) -> list[KeyRecord]:
+def _record(row: tuple[Any, ...]) -> KeyRecord:
+    key_id, merchant_id, label, created_at, revoked_at, role = row
+    return KeyRecord(key_id, merchant_id, label, created_at, revoked_at, Role(role))
+
+
+def list_keys(
+    conn: psycopg.Connection[Any], merchant_id: str | None = None, *, role: Role | None = None
+) -> list[KeyRecord]:
+    """Keys of a merchant, or of a role (staff keys: ``role=Role.FINANCE``), oldest first."""
     rows = conn.execute(
-        "SELECT key_id, merchant_id, label, created_at, revoked_at FROM merchant_api_keys"
-        " WHERE merchant_id = %s ORDER BY created_at, key_id",
-        [merchant_id],
+        "SELECT key_id, merchant_id, label, created_at, revoked_at, role FROM merchant_api_keys"
+        " WHERE (%(m)s::text IS NULL OR merchant_id = %(m)s)"
+        " AND (%(r)s::text IS NULL OR role = %(r)s) ORDER BY created_at, key_id",
+        {"m": merchant_id, "r": role.value if role else None},
     ).fetchall()
-    return [KeyRecord(*row) for row in rows]
+    return [_record(row) for row in rows]

@@ -11,6 +11,8 @@ __all__ = [
     "Balances",
     "CashflowEventOut",
     "EventsPage",
+    "MerchantSummary",
+    "MerchantsPage",
     "Transaction",
     "TransactionsPage",
 ]
@@ -68,3 +70,17 @@ class EventsPage(_Out):
     merchant_id: str
     items: list[CashflowEventOut] = Field(description="oldest first, seq > `after`")
     next_after: int | None = Field(description="pass as `after` for the next page; null: none yet")
+
+
+class MerchantSummary(_Out):
+    merchant_id: str
+    name: str
+    terminals: int = Field(description="terminals registered to the merchant")
+    balances: list[Balance] | None = Field(
+        description="per currency; null when the caller's role may not read money (support)"
+    )
+
+
+class MerchantsPage(_Out):
+    items: list[MerchantSummary] = Field(description="by merchant_id")
+    next_after: str | None = Field(description="pass as `after` for the next page; null: last")

@@ -100,7 +100,7 @@ def _validation(request: Request, exc: RequestValidationError) -> ProblemRespons
     return _respond(request, problem)
 
 
-_TITLES = {404: "Not found", 405: "Method not allowed"}
+_TITLES = {403: "Forbidden", 404: "Not found", 405: "Method not allowed"}
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -155,9 +155,11 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries for the problem statuses a route can return."""
     descriptions = {
         400: "a parameter is invalid (named in `errors`)",
-        401: "missing, malformed, unknown or revoked API key",
+        401: "missing, malformed, unknown or revoked API key, or the merchant was revoked",
+        403: "the key's role may not do this (recorded in the audit trail)",
         404: "no such merchant for this key (another merchant's data is never shown)",
         429: "rate limit exceeded; retry after `Retry-After` seconds",
+        503: "the audit trail cannot record a staff read now; retry after `Retry-After`",
     }
     return {
         status: {

@@ -13,7 +13,8 @@ from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from psycopg_pool import AsyncConnectionPool
 
-from api.auth import Authenticator, Principal, not_found_for
+from api.access import Access, ListLevel
+from api.auth import Authenticator, Principal
 from api.feed import FeedHub, fetch_events
 from api.metrics import ApiMetrics
 from api.models import (
@@ -21,6 +22,8 @@ from api.models import (
     Balances,
     CashflowEventOut,
     EventsPage,
+    MerchantsPage,
+    MerchantSummary,
     Transaction,
     TransactionsPage,
 )
@@ -30,7 +33,7 @@ from api.ratelimit import RateLimiter
 from api.stream import event_stream
 from posflow.settings import ApiSettings
 
-__all__ = ["ApiContext", "make_router"]
+__all__ = ["ApiContext", "make_router", "make_staff_router"]
 
 _MAX_SEQ = 2**63 - 1
 # Shown in OpenAPI as the security scheme; the checks themselves are Authenticator's.
@@ -42,6 +45,7 @@ class ApiContext:
     settings: ApiSettings
     pool: AsyncConnectionPool
     auth: Authenticator
+    access: Access
     limiter: RateLimiter
     hub: FeedHub
     metrics: ApiMetrics
@@ -74,12 +78,17 @@ async def _principal(
     return principal
 
 
+def _source(request: Request) -> str:
+    """Where a call came from, for the audit trail: the peer address (no proxy header trusted)."""
+    return f"api:{request.client.host if request.client else 'unknown'}"
+
+
 async def _merchant(
+    request: Request,
     merchant_id: Annotated[str, Path(min_length=1, max_length=128, description="merchant id")],
     principal: Annotated[Principal, Depends(_principal)],
 ) -> str:
-    if not principal.can_read(merchant_id):
-        raise not_found_for(merchant_id)
+    await _ctx(request).access.merchant_read(principal, merchant_id, _source(request))
     return merchant_id
 
 
@@ -97,10 +106,81 @@ def _last_event_id(header: str | None, query: int | None) -> int:
     return query or 0
 
 
+def _balance(row: tuple[Any, ...]) -> Balance:
+    c, p, a, o, u = row
+    return Balance(
+        currency=str(c).strip(), pending_minor=p, available_minor=a, paid_out_minor=o, updated_at=u
+    )
+
+
+def make_staff_router(settings: ApiSettings) -> APIRouter:
+    """``GET /v1/merchants``: the merchant list for staff roles."""
+    router = APIRouter(prefix="/v1/merchants", tags=["staff"])
+
+    @router.get(
+        "", response_model=MerchantsPage, responses=problem_responses(400, 401, 403, 429, 503)
+    )
+    async def merchants(
+        request: Request,
+        principal: Annotated[Principal, Depends(_principal)],
+        *,
+        after: Annotated[
+            str | None, Query(max_length=128, description="merchants with id > after")
+        ] = None,
+        limit: Annotated[
+            int, Query(ge=1, le=settings.page_max, description=f"page size, 1..{settings.page_max}")
+        ] = settings.page_default,
+    ) -> MerchantsPage:
+        """Merchants by id. Finance: with balances; support roles: without (no money read)."""
+        ctx = _ctx(request)
+        level = await ctx.access.merchant_list(principal, _source(request))
+        async with ctx.pool.connection() as conn:
+            cur = await conn.execute(
+                """
+                SELECT m.merchant_id, m.name,
+                       (SELECT count(*) FROM terminals t WHERE t.merchant_id = m.merchant_id)
+                  FROM merchants m
+                 WHERE %(after)s::text IS NULL OR m.merchant_id > %(after)s
+                 ORDER BY m.merchant_id
+                 LIMIT %(n)s
+                """,
+                {"after": after, "n": limit + 1},
+            )
+            rows = await cur.fetchall()
+            more = len(rows) > limit
+            rows = rows[:limit]
+            balances: dict[str, list[Balance]] | None = None
+            if level is ListLevel.WITH_BALANCES:
+                cur = await conn.execute(
+                    """
+                    SELECT merchant_id, currency, pending_minor, available_minor,
+                           paid_out_minor, updated_at
+                      FROM merchant_balances WHERE merchant_id = ANY(%s)
+                     ORDER BY merchant_id, currency
+                    """,
+                    [[r[0] for r in rows]],
+                )
+                balances = {}
+                for row in await cur.fetchall():
+                    balances.setdefault(str(row[0]), []).append(_balance(row[1:]))
+        items = [
+            MerchantSummary(
+                merchant_id=m,
+                name=name,
+                terminals=int(n),
+                balances=None if balances is None else balances.get(m, []),
+            )
+            for m, name, n in rows
+        ]
+        return MerchantsPage(items=items, next_after=rows[-1][0] if more else None)
+
+    return router
+
+
 def make_router(settings: ApiSettings) -> APIRouter:
     """The /v1 routes; bounds come from the settings (and show in OpenAPI)."""
     router = APIRouter(prefix="/v1/merchants/{merchant_id}", tags=["merchant feed"])
-    common = problem_responses(400, 401, 404, 429)
+    common = problem_responses(400, 401, 403, 404, 429, 503)
     Limit = Annotated[  # noqa: N806 - a type alias
         int,
         Query(ge=1, le=settings.page_max, description=f"page size, 1..{settings.page_max}"),
@@ -118,19 +198,7 @@ def make_router(settings: ApiSettings) -> APIRouter:
                 [merchant_id],
             )
             rows = await cur.fetchall()
-        return Balances(
-            merchant_id=merchant_id,
-            balances=[
-                Balance(
-                    currency=str(c).strip(),
-                    pending_minor=p,
-                    available_minor=a,
-                    paid_out_minor=o,
-                    updated_at=u,
-                )
-                for c, p, a, o, u in rows
-            ],
-        )
+        return Balances(merchant_id=merchant_id, balances=[_balance(r) for r in rows])
 
     @router.get("/transactions", response_model=TransactionsPage, responses=common)
     async def transactions(
@@ -229,6 +297,7 @@ def make_router(settings: ApiSettings) -> APIRouter:
     async def stream(
         request: Request,
         merchant_id: Merchant,
+        principal: Annotated[Principal, Depends(_principal)],
         *,
         last_event_id: Annotated[
             str | None,
@@ -250,6 +319,8 @@ def make_router(settings: ApiSettings) -> APIRouter:
             queue_max=ctx.settings.sse_queue_max,
             heartbeat_s=ctx.settings.sse_heartbeat_s,
             retry_ms=ctx.settings.sse_retry_ms,
+            recheck=lambda: ctx.auth.recheck(principal),
+            recheck_s=ctx.settings.auth_recheck_s,
         )
         return StreamingResponse(
             body,

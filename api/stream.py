@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import psycopg
 
@@ -66,6 +66,26 @@ async def _catch_up(hub: FeedHub, writer: _Writer) -> AsyncIterator[str]:
             return
 
 
+class _Recheck:
+    """Asks, at most every ``period_s``, whether the caller's key is still accepted."""
+
+    def __init__(self, check: Callable[[], Awaitable[str | None]] | None, period_s: float):
+        self.check = check
+        self.period_s = period_s
+        self.at = time.monotonic()
+
+    def remaining(self, wait_s: float) -> float:
+        if self.check is None:
+            return wait_s
+        return max(0.01, min(wait_s, self.period_s - (time.monotonic() - self.at)))
+
+    async def refused(self) -> str | None:
+        if self.check is None or time.monotonic() - self.at < self.period_s:
+            return None
+        self.at = time.monotonic()
+        return await self.check()
+
+
 def _close(reason: str, metrics: ApiMetrics, label: str) -> str:
     metrics.sse_closed.labels(label).inc()
     return f"event: close\ndata: {json.dumps({'reason': reason})}\n\n"
@@ -80,8 +100,15 @@ async def event_stream(
     queue_max: int,
     heartbeat_s: float,
     retry_ms: int,
+    recheck: Callable[[], Awaitable[str | None]] | None = None,
+    recheck_s: float = 15.0,
 ) -> AsyncIterator[str]:
-    """The stream's text; ends when the server closes it (the client then resumes)."""
+    """The stream's text; ends when the server closes it (the client then resumes).
+
+    ``recheck`` (every ``recheck_s``, at the latest one heartbeat later) says why the
+    caller's key is no longer accepted (key or merchant revoked): the stream then
+    ends with ``event: close`` and that reason, and a reconnect gets 401.
+    """
     # Subscribed before the catch-up read, so nothing committed meanwhile is missed.
     sub = hub.subscribe(merchant_id, last, queue_max)
     writer = _Writer(sub, metrics)
@@ -92,9 +119,12 @@ async def event_stream(
             async for text in _catch_up(hub, writer):
                 yield text
             hub.caught_up(sub)
+            rechecks = _Recheck(recheck, recheck_s)
             while True:
-                if sub.closed:
-                    yield _close(sub.closed, metrics, "shutdown")
+                refused = await rechecks.refused()
+                ended = refused or sub.closed
+                if ended:
+                    yield _close(ended, metrics, "unauthorized" if refused else "shutdown")
                     return
                 if sub.behind:
                     metrics.sse_catchups.labels("slow_client").inc()
@@ -108,7 +138,7 @@ async def event_stream(
                         writer.last_sent = time.monotonic()
                         yield ": keepalive\n\n"
                         continue
-                    await sub.wait(heartbeat_s - idle)
+                    await sub.wait(rechecks.remaining(heartbeat_s - idle))
                     continue
                 after, rows = item
                 if after > sub.last:

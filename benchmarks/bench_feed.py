@@ -41,6 +41,8 @@ from psycopg import sql
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from api.keys import issue_key
+from posflow.security.keys import LocalMasterKey, issue_merchant_key
+from posflow.security.roles import Principal, Role
 from posflow.settings import Settings
 from posflow.storage import migrate
 
@@ -219,6 +221,16 @@ def main() -> int:
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
             migrate(conn)
+            # A merchant's API keys are accepted only while it has an active merchant key.
+            provider = LocalMasterKey(secrets.token_bytes(32))
+            admin_principal = Principal("bench", Role.SECURITY_ADMIN)
+            for i in range(args.merchants):
+                conn.execute(
+                    "INSERT INTO merchants (merchant_id, name) VALUES (%s, 'bench')", [f"M-{i:04d}"]
+                )
+                issue_merchant_key(
+                    conn, provider, f"M-{i:04d}", actor=admin_principal, source="bench"
+                )
             keys = {
                 f"M-{i:04d}": issue_key(conn, f"M-{i:04d}", "bench").token
                 for i in range(args.merchants)

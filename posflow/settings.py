@@ -222,6 +222,37 @@ class ApiSettings(_Section):
     )
     sse_retry_ms: int = Field(default=1000, ge=0, description="reconnect delay told to clients")
     shutdown_grace_s: float = Field(default=10.0, gt=0, description="drain time on SIGTERM")
+    audit_staff_reads: bool = Field(
+        default=True, description="record staff reads of merchant data in the audit trail"
+    )
+    auth_recheck_s: float = Field(
+        default=15.0, gt=0, description="open streams re-check their key (revocation) this often"
+    )
+    webhook_port: int = Field(
+        default=9406, ge=1, le=65535, description="/metrics /healthz /readyz of the deliverer"
+    )
+    webhook_timeout_s: float = Field(default=10.0, gt=0, description="per delivery attempt")
+    webhook_backoff_base_s: float = Field(
+        default=1.0, gt=0, description="wait after the first failed attempt; doubles each time"
+    )
+    webhook_backoff_max_s: float = Field(default=600.0, gt=0, description="longest wait")
+    webhook_jitter: float = Field(
+        default=0.5, ge=0, le=1, description="a wait is drawn from [d*(1-jitter), d]"
+    )
+    webhook_give_up_s: float = Field(
+        default=3 * 24 * 3600.0, gt=0, description="failing this long: endpoint dead (replayable)"
+    )
+    webhook_poll_s: float = Field(
+        default=1.0, gt=0, description="due-endpoint check period (NOTIFY wakes it sooner)"
+    )
+    webhook_batch: int = Field(default=100, ge=1, description="events per endpoint per round")
+    webhook_concurrency: int = Field(default=16, ge=1, description="endpoints delivered at once")
+    webhook_lease_s: float = Field(
+        default=120.0, gt=0, description="an endpoint's claim by one deliverer process"
+    )
+    webhook_allow_http: bool = Field(
+        default=False, description="allow http:// URLs other than loopback (else https only)"
+    )
 
 
 class AlertsSettings(_Section):

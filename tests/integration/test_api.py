@@ -7,6 +7,7 @@ cashflow_events and pg_notify('posflow_cashflow', merchant_id) in one transactio
 from __future__ import annotations
 
 import json
+import secrets
 import signal
 import threading
 import time
@@ -21,6 +22,8 @@ import pytest
 
 from api.app import ApiService, build
 from api.keys import issue_key, revoke_key
+from posflow.security.keys import LocalMasterKey, issue_merchant_key
+from posflow.security.roles import Principal, Role
 from posflow.settings import ApiSettings, PostgresSettings, ServicePorts, Settings
 from posflow.storage import migrate
 from tests.conftest import free_port, unique
@@ -36,9 +39,27 @@ class Api:
     thread: threading.Thread
     conn: psycopg.Connection[tuple[Any, ...]]
     dsn: str
+    provider: LocalMasterKey
+
+    def activate(self, merchant: str) -> None:
+        """The merchant exists and has a merchant key (else its API keys get 401)."""
+        self.conn.execute(
+            "INSERT INTO merchants (merchant_id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+            [merchant, f"shop {merchant}"],
+        )
+        row = self.conn.execute(
+            "SELECT 1 FROM merchant_keys WHERE merchant_id = %s AND status = 'active'", [merchant]
+        ).fetchone()
+        if row is None:
+            admin = Principal("test-admin", Role.SECURITY_ADMIN)
+            issue_merchant_key(self.conn, self.provider, merchant, actor=admin, source="test")
 
     def key(self, merchant: str) -> str:
+        self.activate(merchant)
         return issue_key(self.conn, merchant, "test").token
+
+    def staff_key(self, role: Role) -> str:
+        return issue_key(self.conn, None, f"test {role}", role=role).token
 
     def get(self, path: str, key: str | None = None, **kw: Any) -> httpx.Response:
         headers = dict(kw.pop("headers", {}))
@@ -69,6 +90,7 @@ def start_api(pg: PostgresSettings, settings: Settings) -> Iterator[Callable[...
     """Start the API (uvicorn on a free loopback port) on this test's own database."""
     conn = psycopg.connect(pg.dsn(), autocommit=True)
     migrate(conn)
+    provider = LocalMasterKey(secrets.token_bytes(32))
     running: list[tuple[Any, threading.Thread]] = []
 
     def start(**api: Any) -> Api:
@@ -95,7 +117,7 @@ def start_api(pg: PostgresSettings, settings: Settings) -> Iterator[Callable[...
                 pass
             assert time.monotonic() < deadline, "API did not become ready in 15 s"
             time.sleep(0.05)
-        return Api(base, service, server, thread, conn, pg.dsn())
+        return Api(base, service, server, thread, conn, pg.dsn(), provider)
 
     yield start
     for server, thread in running:

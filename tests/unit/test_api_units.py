@@ -70,9 +70,9 @@ def test_times_without_timezone_or_invalid_name_the_parameter(text: str) -> None
     with pytest.raises(Problem) as info:
         parse_time("to", text)
     assert info.value.status == 400
-    assert info.value.errors == [
-        {"in": "query", "name": "to", "detail": info.value.errors[0]["detail"]}
-    ]
+    errors = info.value.errors
+    assert errors is not None
+    assert errors == [{"in": "query", "name": "to", "detail": errors[0]["detail"]}]
     assert text in info.value.detail
 
 
