@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import psycopg
@@ -25,7 +26,16 @@ def pg(settings: Settings, stack: Stack) -> Iterator[PostgresSettings]:
     with psycopg.connect(settings.postgres.dsn(), autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     yield PostgresSettings(**{**settings.postgres.model_dump(), "database": name})
-    with psycopg.connect(settings.postgres.dsn(), autocommit=True) as admin:
-        admin.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+    # A server-side process (autovacuum, a backend still exiting) can make FORCE fail for a
+    # moment with "insufficient privilege": try again shortly rather than fail the test.
+    for attempt in range(10):
+        try:
+            with psycopg.connect(settings.postgres.dsn(), autocommit=True) as admin:
+                admin.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+                )
+            break
+        except psycopg.errors.InsufficientPrivilege:
+            if attempt == 9:
+                raise
+            time.sleep(0.5)
