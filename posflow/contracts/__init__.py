@@ -13,6 +13,14 @@ from posflow.contracts._common import (
     parse_topic,
 )
 from posflow.contracts.cardguard import find_card_data, luhn_valid, redact
+from posflow.contracts.money import (
+    CashflowRecord,
+    FeePlan,
+    FeeRule,
+    IntegrityEvent,
+    IntegrityKind,
+    SettlementRule,
+)
 from posflow.contracts.records import DeadLetter, IngestEnvelope
 from posflow.contracts.schema import export_schemas, payload_schema
 from posflow.contracts.terminal import (
@@ -36,14 +44,20 @@ __all__ = [
     "MAX_AMOUNT_MINOR",
     "Accepted",
     "Battery",
+    "CashflowRecord",
     "ContractError",
     "DeadLetter",
+    "FeePlan",
+    "FeeRule",
     "IngestEnvelope",
+    "IntegrityEvent",
+    "IntegrityKind",
     "Kind",
     "Location",
     "Printer",
     "Reason",
     "Rejected",
+    "SettlementRule",
     "Signal",
     "Status",
     "Telemetry",
