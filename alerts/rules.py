@@ -27,6 +27,7 @@ without a new one. Errors name the file, the rule and the field.
 
 from __future__ import annotations
 
+import hashlib
 import operator
 import re
 import string
@@ -41,7 +42,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from alerts.facts import EVENT_FIELDS, FACTS, GROUP_FACTS
 from posflow.errors import PosflowError
 
-__all__ = ["Group", "Predicate", "Rule", "RuleSet", "load_rules", "parse_duration", "parse_rules"]
+__all__ = [
+    "Group",
+    "Predicate",
+    "Rule",
+    "RuleSet",
+    "load_rules",
+    "parse_duration",
+    "parse_rules",
+    "read_rules_file",
+]
 
 Op = Literal["lt", "le", "gt", "ge", "eq", "ne", "in"]
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
@@ -214,17 +224,32 @@ def default_rules_text() -> str:
     return resources.files("alerts").joinpath("rules/default.yaml").read_text()
 
 
-def load_rules(user_file: Path | None) -> RuleSet:
-    """Shipped defaults plus the user's file; a user rule with a default's name replaces it."""
+def read_rules_file(user_file: Path) -> tuple[str, str]:
+    """The file's text and the SHA-256 of its bytes (what the audit trail records)."""
+    try:
+        data = user_file.read_bytes()
+        return data.decode(), hashlib.sha256(data).hexdigest()
+    except OSError as exc:
+        raise PosflowError(
+            f"cannot read rules file {user_file}: {exc.strerror}",
+            fix="set POSFLOW_ALERTS__RULES_FILE to a readable file",
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise PosflowError(
+            f"rules file {user_file} is not UTF-8 text ({exc.reason} at byte {exc.start})",
+            fix="save it as UTF-8",
+        ) from None
+
+
+def load_rules(user_file: Path | None, text: str | None = None) -> RuleSet:
+    """Shipped defaults plus the user's file; a user rule with a default's name replaces it.
+
+    ``text``: the file's content already read (so what was hashed is what is loaded).
+    """
     rules = {r.name: r for r in parse_rules(default_rules_text(), "alerts/rules/default.yaml")}
     if user_file is not None:
-        try:
-            text = user_file.read_text()
-        except OSError as exc:
-            raise PosflowError(
-                f"cannot read rules file {user_file}: {exc.strerror}",
-                fix="set POSFLOW_ALERTS__RULES_FILE to a readable file",
-            ) from None
+        if text is None:
+            text = read_rules_file(user_file)[0]
         for rule in parse_rules(text, str(user_file)):
             rules[rule.name] = rule
     try:

@@ -15,8 +15,10 @@ import contextlib
 import json
 import logging
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +27,15 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from alerts.access import AlertAccess, Caller, ProblemError
 from alerts.engine import Engine
 from alerts.metrics import AlertMetrics
 from alerts.notify import KafkaChannel, LogChannel, Notifier, Outbox, WebhookChannel
-from alerts.rules import RuleSet, load_rules, parse_duration
-from alerts.store import AlertStore
+from alerts.rules import RuleSet, load_rules, parse_duration, read_rules_file
+from alerts.store import AlertStore, AuditEntry
+from api.problems import Problem
 from posflow.errors import PosflowError
+from posflow.security.roles import Action, Target
 from posflow.settings import Settings
 
 __all__ = ["AlertService", "build"]
@@ -78,6 +83,8 @@ class AlertService:
     topics: list[str]
     producer: AIOKafkaProducer
     rules_file: Path | None
+    access: AlertAccess
+    rules_sha256: str | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     ready: bool = False
@@ -85,6 +92,27 @@ class AlertService:
     _mtime: float | None = None
     _runner: web.AppRunner | None = None
     consumer: AIOKafkaConsumer | None = None
+
+    async def store_resolved(self, limit: int) -> list[dict[str, Any]]:
+        """The newest resolved alerts, from the table (the engine keeps only open ones)."""
+        async with self.access.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT alert_id, rule, severity, subject_kind, subject_id, merchant_id, state,"
+                " summary, labels, annotations, started_at, fired_at, acknowledged_at,"
+                " acknowledged_by, resolved_at, suppressed_by FROM alerts"
+                " WHERE state = 'resolved' ORDER BY resolved_at DESC LIMIT %s",
+                [limit],
+            )
+            names = [d.name for d in cur.description or ()]
+            rows = await cur.fetchall()
+        out = []
+        for row in rows:
+            item = dict(zip(names, row, strict=True))
+            for key in ("started_at", "fired_at", "acknowledged_at", "resolved_at"):
+                value = item[key]
+                item[key] = None if value is None else value.timestamp()
+            out.append(item)
+        return out
 
     # --- rules hot reload -------------------------------------------------------------------
 
@@ -96,22 +124,71 @@ class AlertService:
         except OSError:
             return None
 
-    async def reload_rules(self) -> bool:
-        """Load the rules again; on an error keep the last good ones and say why."""
+    @property
+    def rules_target(self) -> Target:
+        return Target("rules", str(self.rules_file) if self.rules_file else "defaults")
+
+    def _system(self, trigger: str, detail: dict[str, Any], outcome: Any = "ok") -> AuditEntry:
+        return AuditEntry(
+            actor=f"system:{trigger}",
+            role="system",
+            action=Action.RULE_CHANGE.value,
+            target=str(self.rules_target),
+            source=f"system:{socket.gethostname()}",
+            outcome=outcome,
+            detail=detail,
+        )
+
+    async def reload_rules(
+        self, *, trigger: str = "file-reload", caller: Caller | None = None
+    ) -> bool:
+        """Load the rules again; on an error keep the last good ones and say why.
+
+        A rule change is an administrative action: every reload is in the audit trail
+        (actor ``system:<trigger>`` or the API caller, the file's SHA-256, the outcome),
+        a successful one in the same transaction as the alerts it resolves.
+        """
         self._mtime = self._file_mtime()
+        sha: str | None = None
         try:
-            rules = load_rules(self.rules_file)
+            text = None
+            if self.rules_file is not None:
+                text, sha = read_rules_file(self.rules_file)
+            rules = load_rules(self.rules_file, text)
         except PosflowError as exc:
             self.last_rules_error = str(exc)
             self.metrics.reloads.labels("refused").inc()
             log.error("rules refused, keeping the last good rules: %s", exc)  # noqa: TRY400
+            failed: dict[str, Any] = {
+                "file_sha256": sha,
+                "in_effect_sha256": self.rules_sha256,
+                "reason": str(exc),
+            }
+            entry = (
+                self._system(trigger, failed, "failed")
+                if caller is None
+                else caller.audit(Action.RULE_CHANGE, self.rules_target, failed, "failed")
+            )
+            await self.access.record(entry)
             return False
+        detail: dict[str, Any] = {
+            "file_sha256": sha,
+            "previous_sha256": self.rules_sha256,
+            "changed": sha != self.rules_sha256,
+            "rules": len(rules.rules),
+        }
+        entry = (
+            self._system(trigger, detail)
+            if caller is None
+            else caller.audit(Action.RULE_CHANGE, self.rules_target, detail)
+        )
         async with self.lock:
             self.engine.set_rules(rules)
-            await self._commit({})
+            await self._commit({}, [entry])
+        self.rules_sha256 = sha
         self.last_rules_error = None
         self.metrics.reloads.labels("ok").inc()
-        log.info("rules loaded: %d rules", len(rules.rules))
+        log.info("rules loaded: %d rules (file sha256 %s)", len(rules.rules), sha)
         return True
 
     async def _watch_rules(self) -> None:
@@ -133,11 +210,13 @@ class AlertService:
 
     # --- the loop ---------------------------------------------------------------------------
 
-    async def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
+    async def _commit(
+        self, offsets: dict[tuple[str, int], int], audit: list[AuditEntry] | None = None
+    ) -> None:
         changes = self.engine.drain()
-        if not changes and not offsets:
+        if not changes and not offsets and not audit:
             return
-        await asyncio.to_thread(self.store.write, changes, offsets)
+        await asyncio.to_thread(self.store.write, changes, offsets, audit)
         for n in changes.notifications:
             rule = n.payload["alert"]["rule"]
             self.metrics.transitions.labels(rule, n.event).inc()
@@ -189,6 +268,7 @@ class AlertService:
 
     async def _start(self) -> None:
         """Endpoints up, the single-instance lock taken, the stored state loaded."""
+        await self.access.open()
         self._runner = await start_api(self)
         got = await asyncio.to_thread(
             lambda: self.store.conn.execute("SELECT pg_try_advisory_lock(%s)", [_LOCK]).fetchone()
@@ -213,7 +293,9 @@ class AlertService:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload_rules()))
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: asyncio.ensure_future(self.reload_rules(trigger="sighup"))
+        )
         await self._start()
         await self.producer.start()
         consumer = self.consumer = AIOKafkaConsumer(
@@ -269,76 +351,168 @@ class AlertService:
             self.store.conn.close()
             if self._runner is not None:
                 await self._runner.cleanup()
+            await self.access.close()
 
 
-async def start_api(service: AlertService) -> web.AppRunner:
-    """/metrics /healthz /readyz plus the alerts API (list, ack, silences)."""
+Request = web.Request
+_STATES = ("pending", "firing", "acknowledged", "resolved")
 
-    async def metrics(_: web.Request) -> web.Response:
+
+def _bad_request(request: Request, name: str, detail: str) -> ProblemError:
+    return ProblemError(
+        Problem(
+            400,
+            "invalid-parameter",
+            "Invalid parameter",
+            f"body field '{name}': {detail}",
+            errors=[{"in": "body", "name": name, "detail": detail}],
+        ),
+        request.path,
+    )
+
+
+def _not_found(request: Request, what: str) -> ProblemError:
+    return ProblemError(Problem(404, "not-found", "Not found", what), request.path)
+
+
+async def start_api(service: AlertService) -> web.AppRunner:  # noqa: PLR0915 - one closure each
+    """/metrics /healthz /readyz (open) plus the alerts API (staff keys, see alerts.access)."""
+    access = service.access
+
+    async def metrics(_: Request) -> web.Response:
         body = generate_latest(service.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    async def healthz(_: web.Request) -> web.Response:
+    async def healthz(_: Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    async def readyz(_: web.Request) -> web.Response:
+    async def readyz(_: Request) -> web.Response:
         body = {"status": "ready" if service.ready else "not ready"}
         if service.last_rules_error:
             body["rules_error"] = service.last_rules_error
         return web.json_response(body, status=200 if service.ready else 503)
 
-    async def list_alerts(request: web.Request) -> web.Response:
+    async def list_alerts(request: Request) -> web.Response:
+        await access.check(request, Action.ALERT_READ, Target("alerts", "*"))
         state = request.query.get("state")
-        alerts = [
-            a.as_dict() for a in service.engine.alerts.values() if state is None or a.state == state
-        ]
+        if state is not None and state not in _STATES:
+            raise ProblemError(
+                Problem(400, "invalid-parameter", "Invalid parameter",
+                        f"query parameter 'state': one of {', '.join(_STATES)}",
+                        errors=[{"in": "query", "name": "state", "detail": "unknown state"}]),
+                request.path,
+            )  # fmt: skip
+        try:
+            limit = min(max(int(request.query.get("limit", "100")), 1), 1000)
+        except ValueError:
+            limit = 100
+        if state == "resolved":  # history: only the database has it
+            alerts = await service.store_resolved(limit)
+        else:
+            alerts = sorted(
+                (a.as_dict() for a in service.engine.alerts.values()
+                 if state is None or a.state == state),
+                key=lambda a: -float(a["started_at"]),
+            )[:limit]  # fmt: skip
         return web.json_response({"alerts": alerts})
 
-    async def ack(request: web.Request) -> web.Response:
-        body = await _json_body(request)
-        by = str(body.get("by") or "api")
+    async def ack(request: Request) -> web.Response:
+        alert_id = request.match_info["alert_id"]
+        target = Target("alert", alert_id)
+        caller = await access.check(request, Action.ALERT_ACKNOWLEDGE, target)
         async with service.lock:
+            before = next(
+                (a.state for a in service.engine.alerts.values() if a.alert_id == alert_id), None
+            )
             try:
-                alert = service.engine.ack(request.match_info["alert_id"], by)
+                alert = service.engine.ack(alert_id, caller.name)
             except KeyError:
-                return web.json_response(
-                    {"error": f"no firing alert {request.match_info['alert_id']}"}, status=404
-                )
-            await service._commit({})
+                alert = None
+            if alert is not None:
+                detail = {"rule": alert.rule, "subject": alert.subject_id, "state_before": before}
+                await service._commit({}, [caller.audit(Action.ALERT_ACKNOWLEDGE, target, detail)])
+        if alert is None:
+            why = f"no firing alert {alert_id}" + (f" (it is {before})" if before else "")
+            await access.record(
+                caller.audit(Action.ALERT_ACKNOWLEDGE, target, {"reason": why}, "failed")
+            )
+            raise _not_found(request, why)
         return web.json_response(alert.as_dict())
 
-    async def list_silences(_: web.Request) -> web.Response:
+    async def list_silences(request: Request) -> web.Response:
+        await access.check(request, Action.ALERT_READ, Target("silences", "*"))
         return web.json_response({"silences": [vars(s) for s in service.engine.silences.values()]})
 
-    async def add_silence(request: web.Request) -> web.Response:
+    async def add_silence(request: Request) -> web.Response:
+        caller = await access.check(request, Action.SILENCE_MANAGE, Target("silence", "new"))
         body = await _json_body(request)
         matchers = body.get("matchers")
         if not isinstance(matchers, dict) or not matchers:
-            return web.json_response(
-                {"error": "matchers: a non-empty object of label -> value"}, status=400
-            )
+            raise _bad_request(request, "matchers", "a non-empty object of label -> value")
         try:
             duration = parse_duration(body.get("duration", "1h"))
         except ValueError as exc:
-            return web.json_response({"error": f"duration: {exc}"}, status=400)
+            raise _bad_request(request, "duration", str(exc)) from None
+        if duration <= 0:
+            raise _bad_request(request, "duration", "must be longer than 0 s")
+        clean = {str(k): str(v) for k, v in matchers.items()}
+        comment = str(body.get("comment") or "")
         async with service.lock:
-            silence = service.engine.add_silence(
-                {str(k): str(v) for k, v in matchers.items()},
-                duration,
-                by=str(body.get("by") or "api"),
-                comment=str(body.get("comment") or ""),
+            silence = service.engine.add_silence(clean, duration, by=caller.name, comment=comment)
+            detail = {
+                "matchers": [f"{k}={v}" for k, v in sorted(clean.items())],
+                "duration_s": round(duration),
+                "ends_at": datetime.fromtimestamp(silence.ends_at, UTC).isoformat(),
+                "comment": comment,
+            }
+            entry = caller.audit(
+                Action.SILENCE_MANAGE, Target("silence", silence.silence_id), detail
             )
-            await service._commit({})
+            await service._commit({}, [entry])
         return web.json_response(vars(silence), status=201)
 
-    async def expire_silence(request: web.Request) -> web.Response:
+    async def expire_silence(request: Request) -> web.Response:
+        silence_id = request.match_info["silence_id"]
+        target = Target("silence", silence_id)
+        caller = await access.check(request, Action.SILENCE_MANAGE, target)
         async with service.lock:
             try:
-                silence = service.engine.expire_silence(request.match_info["silence_id"])
+                silence = service.engine.expire_silence(silence_id)
             except KeyError:
-                return web.json_response({"error": "no such active silence"}, status=404)
-            await service._commit({})
+                silence = None
+            if silence is not None:
+                entry = caller.audit(Action.SILENCE_MANAGE, target, {"expired": True})
+                await service._commit({}, [entry])
+        if silence is None:
+            why = f"no active silence {silence_id}"
+            await access.record(
+                caller.audit(Action.SILENCE_MANAGE, target, {"reason": why}, "failed")
+            )
+            raise _not_found(request, why)
         return web.json_response(vars(silence))
+
+    async def get_rules(request: Request) -> web.Response:
+        await access.check(request, Action.ALERT_READ, service.rules_target)
+        return web.json_response(
+            {
+                "file": str(service.rules_file) if service.rules_file else None,
+                "file_sha256": service.rules_sha256,
+                "rules": sorted(service.engine.rules),
+                "error": service.last_rules_error,
+            }
+        )
+
+    async def reload_rules(request: Request) -> web.Response:
+        caller = await access.check(request, Action.RULE_CHANGE, service.rules_target)
+        if not await service.reload_rules(caller=caller):
+            raise ProblemError(
+                Problem(422, "rules-refused", "Rules refused",
+                        f"{service.last_rules_error} (the last good rules stay in effect)"),
+                request.path,
+            )  # fmt: skip
+        return web.json_response(
+            {"file_sha256": service.rules_sha256, "rules": sorted(service.engine.rules)}
+        )
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
@@ -349,6 +523,8 @@ async def start_api(service: AlertService) -> web.AppRunner:
     app.router.add_get("/silences", list_silences)
     app.router.add_post("/silences", add_silence)
     app.router.add_delete("/silences/{silence_id}", expire_silence)
+    app.router.add_get("/rules", get_rules)
+    app.router.add_post("/rules/reload", reload_rules)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     s = service.settings.services
@@ -356,22 +532,24 @@ async def start_api(service: AlertService) -> web.AppRunner:
     return runner
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
+async def _json_body(request: Request) -> dict[str, Any]:
     if not request.can_read_body:
         return {}
     try:
         body = await request.json()
     except json.JSONDecodeError:
-        raise web.HTTPBadRequest(text="body: not JSON") from None
+        raise _bad_request(request, "(body)", "not JSON") from None
     if not isinstance(body, dict):
-        raise web.HTTPBadRequest(text="body: a JSON object")
+        raise _bad_request(request, "(body)", "a JSON object")
     return body
 
 
 def build(settings: Settings) -> AlertService:
     """The composition root: rules, engine, store, outbox, channels."""
     a, k = settings.alerts, settings.kafka
-    rules: RuleSet = load_rules(a.rules_file)  # a bad file at start is refused outright
+    # A bad file at start is refused outright.
+    text, sha = read_rules_file(a.rules_file) if a.rules_file else (None, None)
+    rules: RuleSet = load_rules(a.rules_file, text)
     engine = Engine(rules, time.time, area_deg=a.area_deg)
     metrics = AlertMetrics()
     producer = AIOKafkaProducer(
@@ -392,7 +570,18 @@ def build(settings: Settings) -> AlertService:
     outbox = Outbox(dsn, channels, list(a.retry_schedule_s), metrics)
     p = k.topic_prefix
     topics = [f"{p}.health.v1", f"{p}.status.v1", f"{p}.telemetry.v1", f"{p}.integrity.v1"]
-    return AlertService(settings, engine, store, outbox, metrics, topics, producer, a.rules_file)
+    return AlertService(
+        settings,
+        engine,
+        store,
+        outbox,
+        metrics,
+        topics,
+        producer,
+        a.rules_file,
+        AlertAccess(dsn),
+        rules_sha256=sha,
+    )
 
 
 def run_service(settings: Settings) -> None:

@@ -8,6 +8,7 @@ is applied twice, no notification is lost or duplicated in the outbox.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,10 +17,36 @@ from psycopg.types.json import Jsonb
 
 from alerts.engine import Alert, Changes, Silence
 from alerts.facts import Merchant
+from posflow.security.audit import Outcome, record
 
-__all__ = ["AlertStore"]
+__all__ = ["AlertStore", "AuditEntry"]
 
 Conn = psycopg.Connection[tuple[Any, ...]]
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One audit record to write (``posflow.security.audit.record``'s arguments)."""
+
+    actor: str
+    role: str
+    action: str
+    target: str
+    source: str
+    outcome: Outcome = "ok"
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def write(self, conn: psycopg.Connection[Any]) -> None:
+        record(
+            conn,
+            actor=self.actor,
+            role=self.role,
+            action=self.action,
+            target=self.target,
+            source=self.source,
+            outcome=self.outcome,
+            detail=self.detail,
+        )
 
 
 def _ts(epoch: float | None) -> datetime | None:
@@ -101,9 +128,20 @@ class AlertStore:
         self.conn.commit()
         return merchants, terminals
 
-    def write(self, changes: Changes, offsets: dict[tuple[str, int], int]) -> None:
-        """Everything of one batch, and the offsets after it, in one transaction."""
+    def write(
+        self,
+        changes: Changes,
+        offsets: dict[tuple[str, int], int],
+        audit: list[AuditEntry] | None = None,
+    ) -> None:
+        """Everything of one batch, and the offsets after it, in one transaction.
+
+        ``audit`` records (an acknowledgement, a silence, a rule change) commit or roll
+        back together with the change they record.
+        """
         with self.conn.transaction(), self.conn.cursor() as cur:
+            for entry in audit or ():
+                entry.write(self.conn)
             if changes.terminals:
                 cur.executemany(
                     "INSERT INTO alert_terminal_facts (terminal_id, facts, updated_at)"

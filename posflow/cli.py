@@ -199,9 +199,12 @@ def ingest_run() -> None:
 
     from ingest import build
     from posflow.logs import configure_logging
+    from posflow.security import refuse_dev_defaults
 
+    settings = _settings()
+    refuse_dev_defaults(settings)
     configure_logging()
-    asyncio.run(build(_settings()).run())
+    asyncio.run(build(settings).run())
 
 
 def _register_services() -> None:
