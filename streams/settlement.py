@@ -49,6 +49,7 @@ log = logging.getLogger("posflow.settlement")
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _NO_PLAN = FeePlan()
+_UNSENT_BATCHES = 16  # committed batches that may wait for their Kafka send
 
 
 class SettlementMetrics:
@@ -205,6 +206,11 @@ class SettlementWorker:
         )
         self.started = False
         self.last_loop = 0.0
+        # Committed batches waiting for their Kafka send, in commit order. Sending is off
+        # the ledger's critical path: the next batch is read and written meanwhile.
+        self._unsent: (
+            asyncio.Queue[tuple[Sequence[CashflowEvent], Sequence[IntegrityEvent]] | None] | None
+        ) = None
 
     def is_ready(self) -> bool:
         return (
@@ -218,6 +224,8 @@ class SettlementWorker:
         await self.producer.start()
         await self.sink.start()
         self.started = True
+        self._unsent = asyncio.Queue(maxsize=_UNSENT_BATCHES)
+        sender = asyncio.create_task(self._sender(self._unsent))
         timers = [
             asyncio.create_task(self._every(self.settings.settlement.outbox_interval_s,
                                             self.sweep_outbox, stop)),
@@ -230,6 +238,12 @@ class SettlementWorker:
                 await self.step()
         finally:
             self.started = False
+            # What is queued goes out before the producer stops (the outbox covers a crash).
+            if not sender.done():
+                await self._unsent.put(None)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(sender, 30)
+            self._unsent = None
             for task in timers:
                 task.cancel()
             for task in timers:
@@ -251,8 +265,20 @@ class SettlementWorker:
         self._count(result, committed, time.monotonic() - started)
         if self.on_committed is not None:
             self.on_committed(result)
-        await self.publish(result.events, result.integrity)
+        if self._unsent is not None:
+            # Bounded: if Kafka falls behind, the ledger waits here (backpressure).
+            await self._unsent.put((result.events, result.integrity))
+        else:
+            await self.publish(result.events, result.integrity)
         return result
+
+    async def _sender(
+        self,
+        queue: asyncio.Queue[tuple[Sequence[CashflowEvent], Sequence[IntegrityEvent]] | None],
+    ) -> None:
+        """Publish committed batches one after another, in commit order, until None."""
+        while (item := await queue.get()) is not None:
+            await self.publish(*item)
 
     def _count(self, result: LedgerResult, committed: datetime, seconds: float) -> None:
         m = self.metrics

@@ -1,17 +1,107 @@
-"""The settlement worker's and the payouts' commands."""
+"""The settlement worker's and the payouts' commands.
+
+The money-moving commands (payout, set-plan, release, set-payout-account) need a
+staff API key of the finance role (``--key`` or ``POSFLOW_STAFF_KEY``, as ``posflow
+alerts``) and are recorded in the audit trail: see :mod:`streams.settlement_access`.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from posflow.errors import PosflowError
 
+if TYPE_CHECKING:
+    import psycopg
+
+    from posflow.security.roles import Target
+    from posflow.settings import Settings
+    from streams.settlement_access import Command, Operator
+
 __all__ = ["register"]
+
+PAYOUT_ACCOUNT = "payout_account"  # the merchant secret's purpose
+
+T = TypeVar("T")
+KEY_ENV = "POSFLOW_STAFF_KEY"  # = streams.settlement_access.KEY_ENV (kept import-free)
+
+StaffKey = Annotated[
+    str | None,
+    typer.Option(
+        "--key",
+        envvar=KEY_ENV,
+        show_envvar=True,
+        help="your staff API key of the finance role (`posflow api keys issue --role "
+        f"finance`); prefer the environment variable {KEY_ENV}",
+    ),
+]
+
+
+def _settings() -> Settings:
+    from posflow.cli import _settings as load
+    from posflow.security import refuse_dev_defaults
+
+    settings = load()
+    refuse_dev_defaults(settings)
+    return settings
+
+
+def _conninfo(settings: Settings) -> str:
+    from posflow.security.tls import postgres_dsn
+
+    return postgres_dsn(settings)
+
+
+@contextmanager
+def _connect(conninfo: str, settings: Settings) -> Iterator[psycopg.Connection[Any]]:
+    import psycopg
+
+    try:
+        conn = psycopg.connect(conninfo, autocommit=True)
+    except psycopg.OperationalError as exc:
+        pg = settings.postgres
+        raise PosflowError(
+            f"cannot connect to PostgreSQL at {pg.host}:{pg.port} database {pg.database}: "
+            f"{str(exc).strip().splitlines()[0]}",
+            fix="start it (`posflow stack up postgres`) or set POSFLOW_POSTGRES__HOST/__PORT",
+        ) from None
+    with conn:
+        yield conn
+
+
+def _guarded(
+    key: str | None,
+    command: Command,
+    target: Target,
+    change: Callable[[psycopg.Connection[Any], Operator], T],
+) -> T:
+    """Authorise, then run ``change`` in one transaction that also holds its audit record.
+
+    ``change`` records itself (``operator.record(conn, detail)``) inside the transaction;
+    a business refusal (PosflowError) rolls back and is recorded as ``failed`` apart.
+    """
+    from streams.settlement_access import authenticate_operator
+
+    settings = _settings()
+    conninfo = _conninfo(settings)
+    # An autocommit connection: refusals and failures recorded on it commit at once.
+    with _connect(conninfo, settings) as conn:
+        operator = authenticate_operator(conn, conninfo, key, command, target)
+        try:
+            with conn.transaction():
+                return change(conn, operator)
+        except PosflowError as exc:
+            operator.record(conn, {"reason": str(exc)}, outcome="failed")
+            raise
+
 
 settlement_app = typer.Typer(
     help="Settlement: the ledger worker, releases, merchants' fee plans and settlement rules.",
@@ -24,11 +114,10 @@ def worker() -> None:
     """Run the settlement worker until SIGTERM (/metrics /healthz /readyz on port 9404)."""
     import asyncio
 
-    from posflow.cli import _settings
     from posflow.logs import configure_logging
     from streams.settlement import build
 
-    settings = _settings()
+    settings = _settings()  # refuses development defaults in the production profile
     configure_logging()
 
     async def serve() -> None:
@@ -43,15 +132,35 @@ def release(
     now: Annotated[
         str | None, typer.Option(help="release as of this RFC 3339 time (default: now)")
     ] = None,
+    key: StaffKey = None,
 ) -> None:
-    """Move pending money whose daily cut-off passed to available (the worker also does it)."""
-    from posflow.cli import _connect
+    """Move pending money whose daily cut-off passed to available (the worker also does it).
+
+    Manual release needs the finance role: with --now in the future it releases early.
+    """
+    from posflow.security.roles import Target
     from posflow.storage.settlement import release_due
+    from streams.settlement_access import RELEASE
 
     when = _parse_time(now) if now else None
-    with _connect() as conn:
-        conn.autocommit = False
+
+    def change(conn: psycopg.Connection[Any], operator: Operator) -> list[Any]:
         events = release_due(conn, when)
+        operator.record(
+            conn,
+            {
+                "as_of": when.isoformat() if when else "now",
+                "released": [
+                    {"merchant_id": e.merchant_id, "currency": e.currency,
+                     "amount_minor": e.amount_minor, "seq": e.seq}
+                    for e in events[:100]
+                ],
+                "pairs": len(events),
+            },
+        )  # fmt: skip
+        return events
+
+    events = _guarded(key, RELEASE, Target("settlement", "release"), change)
     for ev in events:
         typer.echo(
             f"{ev.merchant_id} {ev.currency}: released {ev.amount_minor}"
@@ -71,9 +180,12 @@ def set_plan(
             dir_okay=False,
         ),
     ],
+    key: StaffKey = None,
 ) -> None:
-    """Set a merchant's fee plan and/or settlement rule (creates the merchant if unknown)."""
-    from posflow.cli import _connect
+    """Set a merchant's fee plan and/or settlement rule (creates the merchant if unknown).
+
+    Needs the finance role (a fee plan decides how much money the merchant gets).
+    """
     from posflow.contracts import ContractError
     from posflow.contracts.money import FeePlan, SettlementRule
 
@@ -96,38 +208,115 @@ def set_plan(
         )
     except ContractError as exc:
         raise PosflowError(f"{file}: {exc.field or ''} {exc.message}".strip()) from None
-    with _connect() as conn:
+    from posflow.security.roles import Target
+    from streams.settlement_access import SET_PLAN
+
+    def change(conn: psycopg.Connection[Any], operator: Operator) -> None:
         conn.execute(
             "INSERT INTO merchants (merchant_id, name) VALUES (%s, %s)"
             " ON CONFLICT (merchant_id) DO NOTHING",
             [merchant, merchant],
         )
+        before = conn.execute(
+            "SELECT fee_plan, settlement_rule FROM merchants WHERE merchant_id = %s FOR UPDATE",
+            [merchant],
+        ).fetchone()
+        detail: dict[str, Any] = {}
         if plan is not None:
             conn.execute(
                 "UPDATE merchants SET fee_plan = %s::jsonb WHERE merchant_id = %s",
                 [plan.model_dump_json(), merchant],
             )
+            detail["fee_plan"] = json.loads(plan.model_dump_json())
+            detail["previous_fee_plan"] = before[0] if before else None
         if rule is not None:
             conn.execute(
                 "UPDATE merchants SET settlement_rule = %s::jsonb WHERE merchant_id = %s",
                 [rule.model_dump_json(), merchant],
             )
+            detail["settlement_rule"] = json.loads(rule.model_dump_json())
+            detail["previous_settlement_rule"] = before[1] if before else None
+        operator.record(conn, detail)
+
+    _guarded(key, SET_PLAN, Target("merchant", merchant, merchant), change)
     typer.echo(f"merchant {merchant}: " + ", ".join(sorted(doc)) + " set")
+
+
+@settlement_app.command("set-payout-account")
+def set_payout_account(
+    merchant: Annotated[str, typer.Option(help="merchant id")],
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            help="read the account details from this file ('-': standard input); "
+            "default: ask without echo",
+            dir_okay=False,
+        ),
+    ] = None,
+    key: StaffKey = None,
+) -> None:
+    """Store the merchant's payout account details, encrypted with its merchant key.
+
+    Kept as the merchant secret 'payout_account' (AES-256-GCM, `posflow keys`); the
+    details are never printed, logged or recorded. Needs the merchant's key issued.
+    """
+    from posflow.security.keys import master_key_from_settings, put_secret
+    from posflow.security.roles import Target
+    from streams.settlement_access import SET_PAYOUT_ACCOUNT
+
+    if file is None:
+        details = typer.prompt("payout account details", hide_input=True)
+    elif str(file) == "-":
+        details = sys.stdin.read()
+    else:
+        try:
+            details = file.read_text()
+        except OSError as exc:
+            raise PosflowError(f"{file}: cannot read ({exc.strerror})") from None
+    details = details.strip()
+    if not details:
+        raise PosflowError("the payout account details are empty")
+    provider = master_key_from_settings(_settings())
+
+    def change(conn: psycopg.Connection[Any], operator: Operator) -> int:
+        version = put_secret(conn, provider, merchant, PAYOUT_ACCOUNT, details)
+        operator.record(conn, {"purpose": PAYOUT_ACCOUNT, "key_version": version})
+        return version
+
+    version = _guarded(key, SET_PAYOUT_ACCOUNT, Target("merchant", merchant, merchant), change)
+    typer.echo(f"merchant {merchant}: payout account stored encrypted (merchant key v{version})")
 
 
 def payout(
     merchant: Annotated[str, typer.Option(help="merchant id")],
     currency: Annotated[str, typer.Option(help="ISO 4217 code, e.g. EUR")],
     amount_minor: Annotated[int, typer.Option("--amount-minor", help="minor units (cents)")],
-    key: Annotated[str, typer.Option(help="idempotency key: the same key pays out once")],
+    idempotency_key: Annotated[
+        str,
+        typer.Option("--idempotency-key", help="the same idempotency key pays out once"),
+    ],
+    key: StaffKey = None,
 ) -> None:
-    """Pay out available money to the merchant (at most what is available)."""
-    from posflow.cli import _connect
+    """Pay out available money to the merchant (at most what is available); finance role."""
+    from posflow.security.roles import Target
+    from posflow.storage.settlement import PayoutResult
     from posflow.storage.settlement import payout as do_payout
+    from streams.settlement_access import PAYOUT
 
-    with _connect() as conn:
-        conn.autocommit = False
-        result = do_payout(conn, merchant, currency, amount_minor, key)
+    def change(conn: psycopg.Connection[Any], operator: Operator) -> PayoutResult:
+        result = do_payout(conn, merchant, currency, amount_minor, idempotency_key)
+        operator.record(
+            conn,
+            {
+                "currency": currency, "amount_minor": amount_minor,
+                "idempotency_key": idempotency_key, "seq": result.seq,
+                "replayed": result.replayed, "available_minor": result.available_minor,
+                "paid_out_minor": result.paid_out_minor,
+            },
+        )  # fmt: skip
+        return result
+
+    result = _guarded(key, PAYOUT, Target("merchant", merchant, merchant), change)
     verb = "already paid out (same key), nothing moved" if result.replayed else "paid out"
     typer.echo(
         f"{merchant} {currency}: {verb} {result.amount_minor}; available "

@@ -14,9 +14,11 @@ from typing import Any
 import psycopg
 import pytest
 
+from api.keys import issue_key
 from posflow.contracts import IntegrityEvent
 from posflow.contracts.money import FeePlan
 from posflow.errors import PosflowError
+from posflow.security.roles import Role
 from posflow.settings import PostgresSettings
 from posflow.storage import migrate
 from posflow.storage.ledger import LedgerResult, LedgerWriter
@@ -205,8 +207,8 @@ def test_a_reused_id_with_another_body_stores_one_integrity_event(db: Conn) -> N
     assert json.loads(event.to_json())["first_body_sha256"] != event.body_sha256
 
 
-def _cli(pg: PostgresSettings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "POSFLOW_POSTGRES__DATABASE": pg.database}
+def _cli(pg: PostgresSettings, *args: str, staff_key: str = "") -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "POSFLOW_POSTGRES__DATABASE": pg.database, "POSFLOW_STAFF_KEY": staff_key}
     return subprocess.run(
         [sys.executable, "-m", "posflow.cli", *args],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
@@ -221,7 +223,13 @@ def test_cli_set_plan_release_and_idempotent_payout(
         '{"fee_plan": {"default": {"percent": "1", "fixed_minor": 0}},'
         ' "settlement_rule": {"kind": "daily", "cutoff": "20:00", "timezone": "UTC"}}'
     )
-    done = _cli(pg, "settlement", "set-plan", "--merchant", "M-2", "--file", str(plan))
+    finance = issue_key(db, None, role=Role.FINANCE).token
+    db.commit()
+    set_plan = ["settlement", "set-plan", "--merchant", "M-2", "--file", str(plan)]
+    keyless = _cli(pg, *set_plan)
+    assert keyless.returncode == 1
+    assert "settlement.set_plan on merchant:M-2 refused: no staff API key given" in keyless.stderr
+    done = _cli(pg, *set_plan, staff_key=finance)
     assert done.returncode == 0, done.stderr
     stored = db.execute(
         "SELECT fee_plan->'default'->>'percent', settlement_rule->>'cutoff' FROM merchants"
@@ -234,12 +242,13 @@ def test_cli_set_plan_release_and_idempotent_payout(
     LedgerWriter(db, "g").write([to_entry(envelope(sale), FeePlan.from_json(
         '{"default": {"percent": "1"}}'))], offsets={})  # fmt: skip
 
-    early = _cli(pg, "settlement", "release", "--now", "2026-11-23T19:59:00Z")
+    early = _cli(pg, "settlement", "release", "--now", "2026-11-23T19:59:00Z", staff_key=finance)
     assert "released for 0 merchant/currency pair(s)" in early.stdout
-    late = _cli(pg, "settlement", "release", "--now", "2026-11-23T20:00:00Z")
+    late = _cli(pg, "settlement", "release", "--now", "2026-11-23T20:00:00Z", staff_key=finance)
     assert "M-2 EUR: released 9900" in late.stdout, late.stdout
 
-    pay = ["payout", "--merchant", "M-2", "--currency", "EUR", "--key", "p-1"]
+    pay = ["payout", "--merchant", "M-2", "--currency", "EUR", "--idempotency-key", "p-1"]
+    pay += ["--key", finance]
     too_much = _cli(pg, *pay, "--amount-minor", "9901")
     assert too_much.returncode == 1
     assert too_much.stderr.strip().splitlines() == [
@@ -259,6 +268,7 @@ def test_cli_set_plan_release_and_idempotent_payout(
 
     bad = tmp_path / "bad.json"
     bad.write_text('{"fee_plan": {"default": {"percent": 1.5}}}')
-    refused = _cli(pg, "settlement", "set-plan", "--merchant", "M-2", "--file", str(bad))
+    refused = _cli(pg, "settlement", "set-plan", "--merchant", "M-2", "--file", str(bad),
+                   staff_key=finance)  # fmt: skip
     assert refused.returncode == 1
     assert "default.percent" in refused.stderr
