@@ -14,12 +14,23 @@ from posflow.stack import Stack
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Below the kernel's ephemeral range (32768-60999), so an outgoing connection of some other
+# process cannot take a test's port between choosing it and binding it; the local stack's
+# ports (11883, 15432, 18883, 19090, 19092-3) and a second stack's (2xxxx) lie outside it.
+_TEST_PORTS = range(12_000, 15_000)
+
+
 def free_port() -> int:
     """A TCP port nothing listens on now, for a service a test starts."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    for _ in range(200):
+        port = _TEST_PORTS.start + secrets.randbelow(len(_TEST_PORTS))
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port in {_TEST_PORTS}")
 
 
 def unique(prefix: str) -> str:

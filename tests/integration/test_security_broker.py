@@ -215,7 +215,16 @@ def test_revoked_certificate_is_refused_after_sighup(broker: Broker) -> None:
         except ssl.SSLError as exc:
             refused = exc
     assert refused is not None
-    assert "CERTIFICATE_REVOKED" in str(refused)
+    if "CERTIFICATE_REVOKED" not in str(refused):
+        # TLS 1.3 verifies the client certificate after the client's handshake ends: on a
+        # busy machine the broker's alert can lose the race with its close, seen as EOF.
+        assert isinstance(refused, ssl.SSLEOFError), refused
+        for _ in range(3):
+            with pytest.raises(ssl.SSLError):
+                _tls_probe(broker, ctx)
+        other = unique("T-ok")
+        broker.pki.issue(other)
+        assert _tls_probe(broker, _client_ctx(broker, other)) == _CONNACK_OK
     # Other terminals are unaffected, and the password listener still works.
     other = unique("T-ok")
     broker.pki.issue(other)

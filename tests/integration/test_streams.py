@@ -236,7 +236,7 @@ async def test_known_terminal_behaviour_gives_the_expected_health(health: Health
 
     # Offline: the Last Will at once; the silent terminal after 3 x its 1 s heartbeat.
     states = await health.wait_for(
-        "SELECT terminal_id, online FROM terminal_state WHERE NOT online ORDER BY 1", 2, 30
+        "SELECT terminal_id, online FROM terminal_state WHERE NOT online ORDER BY 1", 2, 60
     )
     assert states == [("T-silent", False), ("T-will", False)]
     # 10 final windows each of T-weak, T-drain, T-fail, 2 of T-will, 2 offline changes.
