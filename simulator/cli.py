@@ -2,10 +2,160 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
 __all__ = ["register"]
 
+Terminals = Annotated[int, typer.Option("--terminals", "-n", min=1, help="fleet size")]
+FleetName = Annotated[str, typer.Option("--fleet", help="fleet name: prefix of every id")]
 
-def register(app: typer.Typer) -> None:
+
+def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one nested function per command
     """Add the simulator's commands to the ``posflow`` command line."""
+    fleet_app = typer.Typer(help="Simulated fleets: merchants, terminals, their accounts.")
+    app.add_typer(fleet_app, name="fleet")
+
+    @fleet_app.command("register")
+    def fleet_register(
+        terminals: Terminals = 100,
+        fleet: FleetName = "sim",
+        database: Annotated[
+            bool, typer.Option(help="merchants and terminals in PostgreSQL")
+        ] = True,
+        mqtt: Annotated[
+            bool, typer.Option(help="terminal and gateway accounts in Mosquitto")
+        ] = True,
+    ) -> None:
+        """Register a fleet (same seed, same fleet) in the database and in Mosquitto."""
+        from posflow.cli import _out, _settings
+        from simulator.fleet import build_fleet
+        from simulator.register import register_fleet
+
+        settings = _settings()
+        built = build_fleet(terminals, seed=settings.simulator.seed, name=fleet)
+        done = register_fleet(settings, built, database=database, mqtt=mqtt)
+        _out.print(
+            f"fleet {fleet}: {done['merchants']:,} merchants, {done['terminals']:,} terminals in "
+            f"the database; {done['mqtt_accounts']:,} MQTT accounts "
+            f"(seed {settings.simulator.seed})"
+        )
+
+    @app.command("simulate")
+    def simulate(  # noqa: PLR0917 - typer options
+        terminals: Terminals = 100,
+        fleet: FleetName = "sim",
+        duration: Annotated[float, typer.Option("--duration", "-d", help="run seconds")] = 300,
+        scenario: Annotated[
+            str | None, typer.Option(help="fault scenario: a shipped name or a .yaml path")
+        ] = None,
+        speed: Annotated[float, typer.Option(help="simulated seconds per wall second")] = 1.0,
+        telemetry_s: Annotated[int, typer.Option(help="telemetry (heartbeat) interval")] = 30,
+        ramp: Annotated[
+            float | None, typer.Option(help="terminals coming online per second")
+        ] = None,
+        max_real: Annotated[int, typer.Option(help="terminals with their own connection")] = 19_000,
+        gateways: Annotated[int, typer.Option(help="multiplexed connections for the rest")] = 8,
+        offline: Annotated[
+            Path | None, typer.Option(help="write the messages (JSON lines) here, no MQTT")
+        ] = None,
+        register_first: Annotated[bool, typer.Option("--register/--no-register")] = True,
+        start: Annotated[
+            float | None, typer.Option("--t0", help="start, epoch seconds (default: now)")
+        ] = None,
+    ) -> None:
+        """Run a fleet against the running pipeline (or write its messages with --offline)."""
+        import asyncio
+        import json
+        import time
+
+        from posflow.cli import _out, _settings
+        from simulator.engine import Run
+        from simulator.fleet import build_fleet
+        from simulator.register import register_fleet
+        from simulator.runner import drive
+        from simulator.scenarios import load_scenario
+
+        settings = _settings()
+        t0 = time.time() if start is None else start  # fixed: the same bytes every time
+        built = build_fleet(terminals, seed=settings.simulator.seed, name=fleet, at=t0)
+        plan = load_scenario(scenario) if scenario else None
+        run = Run(built, t0=t0, duration_s=duration, telemetry_s=telemetry_s,
+                  ramp_per_s=ramp, scenario=plan)  # fmt: skip
+        if offline is not None:
+            with offline.open("w") as out:
+                for m in run.all():
+                    out.write(json.dumps({"at": m.at, "topic": m.topic, "expect": m.expect,
+                                          "payload": m.payload.decode()}) + "\n")  # fmt: skip
+            _out.print(f"messages written to {offline}")
+            return
+        if register_first:
+            register_fleet(settings, built)
+        counts = {"sent": 0}
+
+        def sent(_m: object) -> None:
+            counts["sent"] += 1
+
+        result = asyncio.run(
+            drive(
+                settings,
+                built,
+                run,
+                on_sent=sent,
+                max_real=max_real,
+                gateways=gateways,
+                speed=speed,
+            )
+        )
+        st = result.stats
+        _out.print(
+            f"{counts['sent']:,} messages published, {st.acked:,} acknowledged, "
+            f"{st.wills} wills, peak {result.peak_connected:,} connections; "
+            f"{st.connects:,} connects, {st.connect_failures:,} failed, "
+            f"{st.reconnects:,} reconnect attempts, {result.queued:,} messages still queued; "
+            f"errors {st.errors or 'none'}"
+        )
+
+    @app.command("loadtest")
+    def loadtest(  # noqa: PLR0917 - typer options
+        terminals: Terminals = 2000,
+        duration: Annotated[float, typer.Option("--duration", "-d", help="run seconds")] = 60,
+        ramp: Annotated[float, typer.Option(help="terminals coming online per second")] = 500,
+        telemetry_s: Annotated[int, typer.Option(help="telemetry interval per terminal")] = 10,
+        txn_scale: Annotated[float, typer.Option(help="x the realistic payment rates")] = 1.0,
+        max_real: Annotated[int, typer.Option(help="terminals with their own connection")] = 19_000,
+        gateways: Annotated[int, typer.Option(help="multiplexed connections for the rest")] = 8,
+        scenario: Annotated[str | None, typer.Option(help="fault scenario")] = None,
+        out_dir: Annotated[Path, typer.Option(help="report directory")] = Path("docs/benchmarks"),
+        name: Annotated[str, typer.Option(help="report file name (.json, .md)")] = "loadtest-run",
+        keep_database: Annotated[bool, typer.Option(help="keep the run's database")] = False,
+    ) -> None:
+        """Ramp a fleet up over MQTT, account for every message, write a JSON + Markdown report."""
+        import asyncio
+
+        from posflow.cli import _out, _settings
+        from simulator.loadtest import LoadTestOptions, run_loadtest
+
+        opts = LoadTestOptions(
+            terminals=terminals, duration_s=duration, ramp_per_s=ramp, telemetry_s=telemetry_s,
+            txn_scale=txn_scale, max_real=max_real, gateways=gateways, scenario=scenario,
+            out_dir=out_dir, name=name, keep_database=keep_database,
+            command="posflow " + shlex.join(sys.argv[1:]),
+        )  # fmt: skip
+        report = asyncio.run(run_loadtest(_settings(), opts, _out))
+        a = report["accounting"]
+        _out.print(
+            f"sent {a['sent']:,}  delivered {a['delivered']:,}  expected dead letters "
+            f"{a['dead_letters_expected']:,}  lost [bold]{a['lost']:,}[/bold]  "
+            f"unexpected duplicates {a['duplicates_unexpected']:,}  "
+            f"publish->Kafka {a['latency_publish_to_kafka_ms']}"
+        )
+        _out.print(f"report: {out_dir / name}.json and .md")
+        if report["pipeline_exited_during_run"]:
+            _out.print(f"[red]pipeline processes died: {report['pipeline_exited_during_run']}")
+        if a["lost"] or report["pipeline_exited_during_run"]:
+            raise typer.Exit(1)
