@@ -35,6 +35,7 @@ from alerts.rules import RuleSet, load_rules, parse_duration, read_rules_file
 from alerts.store import AlertStore, AuditEntry
 from api.problems import Problem
 from posflow.errors import PosflowError
+from posflow.kafkalag import ConsumerLag
 from posflow.security.roles import Action, Target
 from posflow.settings import Settings
 
@@ -92,6 +93,8 @@ class AlertService:
     _mtime: float | None = None
     _runner: web.AppRunner | None = None
     consumer: AIOKafkaConsumer | None = None
+    # posflow_consumer_lag of the assigned partitions (group label: alerts.group).
+    lag: ConsumerLag | None = None
 
     async def store_resolved(self, limit: int) -> list[dict[str, Any]]:
         """The newest resolved alerts, from the table (the engine keeps only open ones)."""
@@ -309,6 +312,8 @@ class AlertService:
             asyncio.create_task(self._watch_rules()),
             asyncio.create_task(self._refresh_reference()),
         ]
+        if self.lag is not None:
+            tasks.append(asyncio.create_task(self.lag.run(consumer, self.stopping)))
         try:
             await self._assign(consumer)
             self.ready = True
@@ -581,6 +586,7 @@ def build(settings: Settings) -> AlertService:
         a.rules_file,
         AlertAccess(dsn),
         rules_sha256=sha,
+        lag=ConsumerLag(metrics.registry, a.group),
     )
 
 

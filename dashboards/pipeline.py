@@ -1,8 +1,10 @@
 """Pipeline: the services' own Prometheus metrics, plus the dead letters stored in SQL.
 
-Only metrics the services export today appear here (the test checks every name
-against a real scrape). No service exports Kafka consumer lag yet, and the
-settlement, alert and API services export none yet: their panels come with them.
+One row per service: ingest (9401), health streams (9402), settlement (9404), the
+alert engine (9403), the merchant API (8400), then Kafka consumer lag
+(``posflow_consumer_lag``, exported by every service that consumes with aiokafka).
+Only metrics the services export appear here: the integration test starts each
+service and checks every name against its real scrape.
 """
 
 from __future__ import annotations
@@ -55,14 +57,23 @@ def _series(title: str, *targets: object, unit: str = "", w: int = 12) -> timese
     return panel.unit(unit) if unit else panel
 
 
+def _rates(metric: str, by: str, legend: str, ref_id: str) -> object:
+    grouping = f"sum by ({by})" if by else "sum"
+    return prom(f"{grouping} (rate({metric}[{RATE}]))", legend, ref_id=ref_id)
+
+
 def build() -> db.Dashboard:
-    return (
+    dash = (
         db.Dashboard("posflow · Pipeline")
         .uid(UID)
         .tags(TAGS)
-        .description("Ingest, dead letters, stream processing and end-to-end latency.")
+        .description(
+            "Ingest, dead letters, health streams, settlement, alert engine, merchant API, "
+            "latencies and Kafka consumer lag."
+        )
         .time("now-1h", "now")
         .refresh("10s")
+        .with_row(db.Row("Services and ingest (posflow ingest)"))
         .with_panel(
             stat.Panel()
             .title("Services up")
@@ -134,6 +145,7 @@ def build() -> db.Dashboard:
                 unit="s",
             )
         )
+        .with_row(db.Row("Health streams (posflow streams worker)"))
         .with_panel(
             _series(
                 "Stream events by type, late and replayed",
@@ -192,5 +204,191 @@ def build() -> db.Dashboard:
                 ),
                 w=24,
             )
+        )
+    )
+    for section in (_settlement, _alerts, _api, _lag):
+        dash = section(dash)
+    return dash
+
+
+def _settlement(dash: db.Dashboard) -> db.Dashboard:
+    m = "posflow_settlement"
+    return (
+        dash.with_row(db.Row("Settlement (posflow settlement worker)"))
+        .with_panel(
+            _series(
+                "Ledger rows written, by effect",
+                _rates(f"{m}_ledger_writes_total", "effect", "{{effect}}", "A"),
+                unit="reqps",
+            )
+        )
+        .with_panel(
+            _series(
+                "Duplicates refused, quarantined, flagged, invalid records",
+                _rates(f"{m}_duplicates_refused_total", "", "duplicates refused", "A"),
+                _rates(f"{m}_quarantined_total", "", "quarantined (same id, other body)", "B"),
+                _rates(f"{m}_flagged_total", "", "flagged (recorded, not applied)", "C"),
+                _rates(f"{m}_invalid_records_total", "reason", "invalid {{reason}}", "D"),
+                unit="reqps",
+            )
+        )
+        .with_panel(
+            _series(
+                "Cash-flow events by kind; published to Kafka; publish errors",
+                _rates(f"{m}_cashflow_events_total", "kind", "event {{kind}}", "A"),
+                _rates(f"{m}_published_total", "topic", "published {{topic}}", "B"),
+                _rates(f"{m}_publish_errors_total", "", "publish errors (outbox retries)", "C"),
+                unit="reqps",
+            )
+        )
+        .with_panel(
+            _series(
+                "Settlement end-to-end: payment received to cash-flow event committed",
+                *_quantiles(f"{m}_end_to_end_seconds"),
+                unit="s",
+            )
+        )
+        .with_panel(
+            _series(
+                "Settlement batch latency (decide and commit)",
+                *_quantiles(f"{m}_batch_seconds"),
+                unit="s",
+            )
+        )
+        .with_panel(
+            stat.Panel()
+            .title("Seconds since the last settlement batch")
+            .description(
+                "Grows while no payments arrive; growing with consumer lag: stuck. "
+                "No value before the worker's first batch."
+            )
+            .datasource(PROM)
+            .with_target(prom(f"time() - max({m}_last_batch_timestamp > 0)", "seconds"))
+            .unit("s")
+            .graph_mode(common.BigValueGraphMode.NONE)
+            .height(8)
+            .span(12)
+        )
+    )
+
+
+def _alerts(dash: db.Dashboard) -> db.Dashboard:
+    m = "posflow_alerts"
+    return (
+        dash.with_row(db.Row("Alert engine (posflow alerts run)"))
+        .with_panel(
+            _series(
+                "Rule evaluations and records consumed, by source",
+                _rates(f"{m}_evaluations_total", "", "evaluations", "A"),
+                _rates(f"{m}_records_total", "source", "records {{source}}", "B"),
+                _rates(f"{m}_bad_records_total", "source", "unreadable {{source}}", "C"),
+                unit="reqps",
+            )
+        )
+        .with_panel(
+            _series(
+                "Open alerts by rule and state",
+                prom(f"sum by (rule, state) ({m}_open)", "{{rule}} {{state}}"),
+            ).decimals(0)
+        )
+        .with_panel(
+            _series(
+                "Notifications created; delivery failures and dead letters by channel",
+                _rates(f"{m}_notifications_created_total", "event", "created {{event}}", "A"),
+                _rates(f"{m}_notification_failures_total", "channel", "failed {{channel}}", "B"),
+                _rates(f"{m}_notification_dead_letters_total", "channel", "dead {{channel}}", "C"),
+                unit="reqps",
+            )
+        )
+        .with_panel(
+            _series(
+                "Notification latency: transition to delivered (p95 by channel)",
+                prom(
+                    "histogram_quantile(0.95, sum by (le, channel)"
+                    f" (rate({m}_notification_latency_seconds_bucket[{RATE}])))",
+                    "p95 {{channel}}",
+                ),
+                unit="s",
+            )
+        )
+        .with_panel(
+            _series(
+                "Alert batch latency (evaluate and store)",
+                *_quantiles(f"{m}_batch_seconds"),
+                unit="s",
+            )
+        )
+        .with_panel(
+            _series(
+                "Rule reloads by result",
+                prom(f"sum by (result) (increase({m}_rule_reloads_total[{RATE}]))", "{{result}}"),
+            ).decimals(0)
+        )
+    )
+
+
+def _api(dash: db.Dashboard) -> db.Dashboard:
+    m = "posflow_api"
+    return (
+        dash.with_row(db.Row("Merchant API (posflow api)"))
+        .with_panel(
+            _series(
+                "API requests by route and status",
+                _rates(f"{m}_requests_total", "route, status", "{{status}} {{route}}", "A"),
+                unit="reqps",
+            )
+        )
+        .with_panel(
+            _series(
+                "API latency to first byte (p95 by route)",
+                prom(
+                    "histogram_quantile(0.95, sum by (le, route)"
+                    f" (rate({m}_request_duration_seconds_bucket[{RATE}])))",
+                    "p95 {{route}}",
+                ),
+                unit="s",
+            )
+        )
+        .with_panel(
+            _series(
+                "Live streams: SSE clients, events delivered, catch-ups, rate limited",
+                prom(f"sum({m}_sse_clients)", "SSE clients", ref_id="A"),
+                _rates(f"{m}_events_delivered_total", "", "events delivered/s", "B"),
+                _rates(f"{m}_sse_catchups_total", "reason", "catch-ups/s {{reason}}", "C"),
+                _rates(f"{m}_rate_limited_total", "", "rate limited (429)/s", "D"),
+            )
+        )
+        .with_panel(
+            _series(
+                "Cash-flow event delivery latency: recorded to handed to the client",
+                *_quantiles(f"{m}_delivery_latency_seconds"),
+                unit="s",
+            )
+        )
+    )
+
+
+def _lag(dash: db.Dashboard) -> db.Dashboard:
+    return (
+        dash.with_row(db.Row("Kafka consumer lag"))
+        .with_panel(
+            _series(
+                "Consumer lag by group and topic (records not yet read)",
+                prom("sum by (group, topic) (posflow_consumer_lag)", "{{group}} · {{topic}}"),
+                w=16,
+            ).decimals(0)
+        )
+        .with_panel(
+            stat.Panel()
+            .title("Largest partition lag now")
+            .description("highwater - position of the worst assigned partition, per group")
+            .datasource(PROM)
+            .with_target(prom("max by (group) (posflow_consumer_lag)", "{{group}}"))
+            .thresholds(steps([(None, "green"), (1000, "orange"), (10000, "red")]))
+            .color_mode(common.BigValueColorMode.BACKGROUND)
+            .graph_mode(common.BigValueGraphMode.AREA)
+            .decimals(0)
+            .height(8)
+            .span(8)
         )
     )

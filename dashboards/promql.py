@@ -1,4 +1,5 @@
-"""The metric names a PromQL expression reads (enough of PromQL for our dashboards).
+"""The metric names a PromQL expression reads (enough of PromQL for our dashboards), and
+the names a Prometheus text exposition declares.
 
 Label matchers (``{...}``), strings, range and offset durations, grouping
 clauses (``by (...)``, ``without (...)``, ``on (...)``, ``ignoring (...)``,
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["metric_names"]
+from prometheus_client.parser import text_string_to_metric_families
+
+__all__ = ["exposition_names", "metric_names"]
 
 _KEYWORDS = frozenset(
     {
@@ -44,4 +47,29 @@ def metric_names(expr: str) -> set[str]:
         if rest.startswith("(") or name.lower() in _KEYWORDS:
             continue
         names.add(name)
+    return names
+
+
+# The series names each metric type exposes, from its family name.
+_SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+    "summary": ("", "_sum", "_count", "_created"),
+    "gauge": ("",),
+    "info": ("_info",),
+}
+
+
+def exposition_names(exposition: str) -> set[str]:
+    """Every series name a /metrics text can hold, declared or sampled.
+
+    A labelled metric has no sample until a label set is first used, but
+    prometheus_client writes its ``# HELP`` / ``# TYPE`` lines from the start, so the
+    family (hence e.g. ``x_total`` of counter ``x``, ``x_bucket`` of histogram ``x``)
+    counts as exported even with no sample yet.
+    """
+    names: set[str] = set()
+    for family in text_string_to_metric_families(exposition):
+        names.update(family.name + s for s in _SUFFIXES.get(family.type, ("",)))
+        names.update(sample.name for sample in family.samples)
     return names

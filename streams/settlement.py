@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from posflow.contracts import ContractError, DeadLetter, IngestEnvelope, Reason, Transaction
 from posflow.contracts.money import FeePlan, IntegrityEvent
 from posflow.http import start_http
+from posflow.kafkalag import ConsumerLag
 from posflow.settings import Settings
 from posflow.storage.ledger import CashflowEvent, LedgerEntry, LedgerResult
 from posflow.storage.settlement import (
@@ -198,6 +199,9 @@ class SettlementWorker:
             to_entries=self.converter,
             max_records=settings.settlement.max_records,
         )
+        # posflow_consumer_lag of the txn partitions this worker holds (Kafka offsets are
+        # informational here, so lag is measured from the consumer's own position).
+        self.lag = ConsumerLag(metrics.registry, settings.settlement.group)
         self.producer = AIOKafkaProducer(
             bootstrap_servers=settings.kafka.bootstrap,
             acks="all",
@@ -231,6 +235,7 @@ class SettlementWorker:
                                             self.sweep_outbox, stop)),
             asyncio.create_task(self._every(self.settings.settlement.release_interval_s,
                                             self.release, stop)),
+            asyncio.create_task(self.lag.run(self.sink.consumer, stop)),
         ]  # fmt: skip
         try:
             while not stop.is_set():

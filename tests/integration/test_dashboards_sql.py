@@ -2,8 +2,9 @@
 
 The database is a fresh one filled through the real writers (TelemetryWriter,
 TransactionWriter, LedgerWriter, HealthSink) with a small deterministic fleet;
-alerts and dead-letter counts are inserted as rows of their 0001 tables (their
-writers belong to services not merged yet). Each query must return the columns
+a flagged refund, a quarantined copy and a payout go through the settlement code
+(``to_entry``, ``LedgerWriter``, ``payout``); alerts and dead-letter counts are
+inserted as rows of their 0001 tables. Each query must return the columns
 its panel reads, with the expected kinds, and at least one row; several panels'
 values are checked against what was written.
 """
@@ -23,18 +24,23 @@ from dashboards import catalog
 from dashboards.catalog import SqlTarget
 from dashboards.macros import TimeRange, Variable, expand
 from posflow.contracts import Accepted, IngestEnvelope, validate_message
+from posflow.contracts.money import FeePlan
 from posflow.settings import PostgresSettings
 from posflow.storage import detect_path, migrate
 from posflow.storage.ledger import LedgerEntry, LedgerWriter
+from posflow.storage.settlement import payout
 from posflow.storage.writers import TelemetryWriter, TransactionWriter
 from streams.metrics import StreamMetrics
+from streams.settlement import to_entry
 from streams.sink import HealthSink
 from tests.unit import samples
 
-# The end of the range is a whole minute in the past, so every row is inside it.
+# The data's own times end a minute in the past; the range ends a quarter of an hour after
+# that, so rows stamped at write time (recorded_at of flagged and quarantined rows, the
+# payout's cash-flow event) are inside it too.
 NOW = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=1)
 START = NOW - timedelta(minutes=30)
-RANGE = TimeRange(NOW - timedelta(hours=1), NOW + timedelta(minutes=1))
+RANGE = TimeRange(NOW - timedelta(hours=1), NOW + timedelta(minutes=15))
 
 MERCHANTS = {"M-dash-a": (-33.87, 151.21), "M-dash-b": (-37.81, 144.96)}
 # terminal -> merchant, battery start, rsrp, app version, online, health
@@ -45,6 +51,7 @@ TERMINALS: dict[str, tuple[str, int, int, str, bool, int]] = {
     "T-dash-4": ("M-dash-b", 80, -92, "3.4.1", True, 88),
 }
 FEE_BPS = 150  # 1.5 %
+PAYOUT_MINOR = 500
 
 
 def _envelope(kind: str, payload: dict[str, Any]) -> IngestEnvelope:
@@ -116,8 +123,12 @@ def _fill(pg: PostgresSettings) -> dict[str, Any]:
                         expected["mix"][key] = expected["mix"].get(key, 0) + 1
         assert TelemetryWriter(conn, path).write(telemetry) == len(telemetry)
         assert TransactionWriter(conn, path).write(txns) == len(txns)
-        assert LedgerWriter(conn, "dashboards-test").write(ledger, {}).applied == len(ledger)
+        writer = LedgerWriter(conn, "dashboards-test")
+        assert writer.write(ledger, {}).applied == len(ledger)
+        expected["integrity"] = _integrity(writer)
         conn.autocommit = True
+        paid = payout(conn, "M-dash-a", "AUD", PAYOUT_MINOR, "dash-payout-1")
+        expected["payout"] = (paid.seq, paid.available_minor, paid.paid_out_minor)
         _alerts(conn)
 
     sink = HealthSink(pg.dsn(), StreamMetrics())
@@ -150,6 +161,24 @@ def _fill(pg: PostgresSettings) -> dict[str, Any]:
     assert sink.flush() == 4 * 6 + 4
     sink.close()
     return expected
+
+
+def _integrity(writer: LedgerWriter) -> dict[str, str]:
+    """A refund above its sale (flagged) and a known id with another body (quarantined)."""
+    sale = "T-dash-1:001000"  # 1000 minor units, approved
+    refund = samples.txn(
+        merchant_id="M-dash-a", terminal_id="T-dash-1", seq=2000, txn_id="T-dash-1:002000",
+        ts=(START + timedelta(minutes=21)).isoformat(), type="refund", amount_minor=5000,
+        original_txn_id=sale,
+    )  # fmt: skip
+    conflict = samples.txn(
+        merchant_id="M-dash-a", terminal_id="T-dash-1", seq=1005, txn_id="T-dash-1:001005",
+        ts=(START + timedelta(minutes=5, seconds=5)).isoformat(), amount_minor=7777,
+    )  # fmt: skip
+    entries = [to_entry(_envelope("txn", body), FeePlan()) for body in (refund, conflict)]
+    result = writer.write(entries, {})
+    assert (result.flagged, result.quarantined) == (["T-dash-1:002000"], ["T-dash-1:001005"])
+    return {"flagged": "T-dash-1:002000", "quarantined": "T-dash-1:001005"}
 
 
 def _alerts(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
@@ -286,6 +315,22 @@ def test_merchant_and_alert_panels_show_exact_money_and_reaction_times(
     balances = run(pg, _target("merchant", "Balances now (minor units)"))[1]
     # Pending or already available depends on the merchant's settlement rule; the total not.
     assert [(r[0], r[1] + r[2] + r[3]) for r in balances] == [("AUD", gross - fee)]
+    payouts = run(pg, _target("merchant", "Payouts (minor units)"))[1]
+    seq, available_after, paid_out_after = expected["payout"]
+    assert [r[1:] for r in payouts] == [(seq, "AUD", PAYOUT_MINOR, available_after, paid_out_after)]
+    assert paid_out_after == PAYOUT_MINOR
+    effects = run(pg, _target("merchant", "Ledger effects (rows and net minor units)"))[1]
+    # 10 approved sales applied; the refund above its sale recorded as flagged, not applied;
+    # the conflicting copy is not a ledger row at all (quarantine).
+    assert [(r[0], r[1], r[2]) for r in effects] == [("applied", "AUD", 10), ("flagged", "AUD", 1)]
+    assert effects[0][3] == gross - fee
+    assert run(pg, _target("merchant", "Flagged · quarantined"))[1] == [(1, 1)]
+    findings = run(pg, _target("merchant", "Flagged and quarantined transactions"))[1]
+    assert sorted((r[1], r[2], r[3], r[5]) for r in findings) == [
+        ("flagged", expected["integrity"]["flagged"], "refund", -5000),
+        ("quarantined", expected["integrity"]["quarantined"], "sale", 7777),
+    ]
+    assert all(r[6] for r in findings), "every finding says why"
     mix = dict(run(pg, _target("merchant", "Payment mix (approved: scheme · entry mode)"))[1])
     assert mix == {k[1]: v for k, v in expected["mix"].items() if k[0] == "M-dash-a"}
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import typer
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from typer.testing import CliRunner
 
 from dashboards import catalog
@@ -22,7 +23,7 @@ from dashboards.macros import (
     format_interval,
     interval_for,
 )
-from dashboards.promql import metric_names
+from dashboards.promql import exposition_names, metric_names
 from dashboards.publish import map_datasources
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,6 +73,18 @@ def test_dashboards_have_stable_uids_and_only_provisioned_datasources() -> None:
     provisioning = (ROOT / "deploy/grafana/provisioning/datasources/datasources.yml").read_text()
     assert "uid: posflow-pg" in provisioning
     assert "uid: posflow-prom" in provisioning
+
+
+def test_panels_fit_the_24_column_grid_without_overlapping() -> None:
+    for path in sorted(catalog.JSON_DIR.glob("*.json")):
+        taken: set[tuple[int, int]] = set()
+        for panel in json.loads(path.read_text())["panels"]:
+            g = panel["gridPos"]
+            assert g["x"] + g["w"] <= 24, (path.stem, panel["title"], g)
+            cells = {(x, y) for x in range(g["x"], g["x"] + g["w"])
+                     for y in range(g["y"], g["y"] + g["h"])}  # fmt: skip
+            assert not cells & taken, (path.stem, panel["title"], g)
+            taken |= cells
 
 
 def test_time_filter_and_bounds_are_rfc3339_utc() -> None:
@@ -182,3 +195,23 @@ def test_datasource_mapping_rewrites_only_our_references() -> None:
         "other": {"type": "loki", "uid": "keep"},
     }
     assert body["datasource"]["uid"] == "posflow-pg"  # the input is not changed
+
+
+def test_exposition_names_count_labelled_metrics_before_their_first_sample() -> None:
+    registry = CollectorRegistry()
+    requests = Counter("x_requests", "h", ["route"], registry=registry)
+    Histogram("x_seconds", "h", ["channel"], registry=registry)
+    Gauge("x_lag", "h", ["group", "topic", "partition"], registry=registry)
+    Counter("x_plain", "h", registry=registry)
+    text = generate_latest(registry).decode()
+    assert "x_requests_total{" not in text  # no sample of a labelled metric yet
+    assert "# HELP x_lag " in text  # ... but its family is declared
+    names = exposition_names(text)
+    assert names >= {
+        "x_requests_total", "x_seconds_bucket", "x_seconds_count", "x_seconds_sum", "x_lag",
+        "x_plain_total",
+    }  # fmt: skip
+    assert "x_requests" not in names  # a counter is read as x_total, never x
+    assert "x_other_total" not in names
+    requests.labels("/a").inc()
+    assert "x_requests_total" in exposition_names(generate_latest(registry).decode())
