@@ -173,11 +173,31 @@ def contracts_export(
 
 
 @app.command("demo")
-def demo() -> None:
-    """A short run through the pipeline on the running stack: MQTT, bridge, Kafka, storage."""
-    from posflow.demo import run_demo
+def demo(  # noqa: PLR0917 - typer options
+    duration: Annotated[
+        float | None, typer.Option(help="seconds to run, then stop and print a summary")
+    ] = None,
+    terminals: Annotated[int, typer.Option(min=1, help="simulated terminals")] = 2000,
+    scenario: Annotated[
+        str, typer.Option(help="fault scenario: a shipped name or a .yaml path")
+    ] = "demo",
+    fleet: Annotated[str, typer.Option(help="fleet name: prefix of every id")] = "demo",
+    summary_json: Annotated[
+        Path | None, typer.Option(help="also write the summary as JSON here")
+    ] = None,
+    log_dir: Annotated[
+        Path | None, typer.Option(help="services' logs and pid files (default: in the stack dir)")
+    ] = None,
+) -> None:
+    """The whole pipeline: stack, services, a simulated fleet and a live console (Ctrl-C stops)."""
+    from posflow.mainjob import MainJobOptions, run_main
 
-    run_demo(_settings())
+    options = MainJobOptions(
+        terminals=terminals, scenario=scenario, duration_s=duration, fleet_id=fleet, log_dir=log_dir
+    )
+    summary = run_main(_settings(), options, _out)
+    if summary_json is not None:
+        summary_json.write_text(summary.to_json())
 
 
 streams_app = typer.Typer(help="The faust-streaming health workers.")
@@ -190,6 +210,25 @@ def streams_worker() -> None:
     from streams.app import run_worker
 
     run_worker(_settings())
+
+
+@streams_app.command("sink")
+def streams_sink() -> None:
+    """Run the raw storage sink: telemetry + transactions into the time-series tables."""
+    import asyncio
+
+    from posflow.logs import configure_logging
+    from streams.rawsink import build
+
+    settings = _settings()
+    configure_logging()
+
+    async def serve() -> None:
+        # aiokafka clients must be created inside the running event loop;
+        # build() refuses development defaults in the production profile.
+        await build(settings).run()
+
+    asyncio.run(serve())
 
 
 @app.command("ingest")

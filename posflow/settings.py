@@ -24,6 +24,7 @@ __all__ = [
     "MosquittoSettings",
     "PostgresSettings",
     "PrometheusSettings",
+    "RawSinkSettings",
     "SecuritySettings",
     "ServicePorts",
     "Settings",
@@ -184,6 +185,7 @@ class ServicePorts(_Section):
     settlement: int = 9404
     api: int = 8400
     simulator: int = 9405
+    rawsink: int = 9407
 
 
 class SettlementSettings(_Section):
@@ -282,6 +284,17 @@ class AlertsSettings(_Section):
     log_notifications: bool = Field(default=True, description="the log channel")
 
 
+class RawSinkSettings(_Section):
+    """The raw storage sink: telemetry and transaction envelopes -> time-series tables."""
+
+    group: str = Field(default="posflow-rawsink", description="Kafka consumer group")
+    max_records: int = Field(default=5000, ge=1, description="records per database batch")
+    poll_ms: int = Field(default=100, ge=1, le=10_000, description="max wait to fill a batch")
+    maintain_interval_s: float = Field(
+        default=300.0, gt=0, description="plain PostgreSQL upkeep period (partitions, rollups)"
+    )
+
+
 class SimulatorSettings(_Section):
     """The fleet simulator and load test."""
 
@@ -361,5 +374,6 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     alerts: AlertsSettings = AlertsSettings()
     simulator: SimulatorSettings = SimulatorSettings()
+    rawsink: RawSinkSettings = RawSinkSettings()
     security: SecuritySettings = SecuritySettings()
     grafana: GrafanaSettings = GrafanaSettings()

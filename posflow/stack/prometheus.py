@@ -24,6 +24,7 @@ def scrape_jobs(settings: Settings) -> dict[str, str]:
         "posflow-alerts": f"127.0.0.1:{ports.alerts}",
         "posflow-api": f"127.0.0.1:{ports.api}",
         "posflow-simulator": f"127.0.0.1:{ports.simulator}",
+        "posflow-rawsink": f"127.0.0.1:{ports.rawsink}",
     }
 
 

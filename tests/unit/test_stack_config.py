@@ -79,6 +79,7 @@ def test_prometheus_config_scrapes_every_posflow_service() -> None:
         "posflow-alerts": ["127.0.0.1:9403"],
         "posflow-api": ["127.0.0.1:8400"],
         "posflow-simulator": ["127.0.0.1:9405"],
+        "posflow-rawsink": ["127.0.0.1:9407"],
     }
 
 
