@@ -25,6 +25,8 @@ def scrape_jobs(settings: Settings) -> dict[str, str]:
         "posflow-api": f"127.0.0.1:{ports.api}",
         "posflow-simulator": f"127.0.0.1:{ports.simulator}",
         "posflow-rawsink": f"127.0.0.1:{ports.rawsink}",
+        "posflow-settlement": f"127.0.0.1:{ports.settlement}",
+        "posflow-webhooks": f"127.0.0.1:{settings.api.webhook_port}",
     }
 
 

@@ -290,6 +290,9 @@ def test_prometheus_lists_itself_and_every_posflow_service_as_scrape_targets(
         "posflow-alerts",
         "posflow-api",
         "posflow-simulator",
+        "posflow-rawsink",
+        "posflow-settlement",
+        "posflow-webhooks",
     }
     # Prometheus scrapes itself: proof it really runs its scrape loop.
     assert eventually(lambda: targets()["prometheus"] == "up", 30)

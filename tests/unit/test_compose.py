@@ -178,7 +178,10 @@ def test_posflow_services_build_their_settings_from_the_shared_environment(
 ) -> None:
     shared = compose["x-posflow-env"]
     app = {name: s for name, s in compose["services"].items() if "app" in s.get("profiles", [])}
-    assert sorted(app) == ["ingest", "posflow-migrate", "rawsink", "streams"]
+    assert sorted(app) == [
+        "alerts", "api", "ingest", "posflow-migrate",
+        "rawsink", "settlement", "streams", "webhooks",
+    ]  # fmt: skip
     assert {name: s["environment"] for name, s in app.items()} == dict.fromkeys(app, shared)
 
     # What a container sees with nothing overridden: ${VAR:-default} becomes the default.

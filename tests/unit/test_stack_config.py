@@ -80,6 +80,8 @@ def test_prometheus_config_scrapes_every_posflow_service() -> None:
         "posflow-api": ["127.0.0.1:8400"],
         "posflow-simulator": ["127.0.0.1:9405"],
         "posflow-rawsink": ["127.0.0.1:9407"],
+        "posflow-settlement": ["127.0.0.1:9404"],
+        "posflow-webhooks": ["127.0.0.1:9406"],
     }
 
 
