@@ -131,6 +131,18 @@ class _CopyInsert:
         """One transaction: stage the rows, insert the new ones; returns how many were new."""
         if not rows:
             return 0
+        try:
+            return self._write_in_transaction(rows)
+        except BaseException:
+            # A rolled-back transaction takes the staging table it created with it.
+            if self._created_in_last_attempt:
+                self._staged = False
+            raise
+
+    _created_in_last_attempt = False
+
+    def _write_in_transaction(self, rows: Sequence[tuple[object, ...]]) -> int:
+        self._created_in_last_attempt = False
         with self.conn.transaction():
             if not self.synchronous:
                 self.conn.execute("SET LOCAL synchronous_commit = off")
@@ -140,6 +152,7 @@ class _CopyInsert:
                     f"(LIKE {self.table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
                 )
                 self._staged = True
+                self._created_in_last_attempt = True
             with self.conn.cursor() as cur:
                 with cur.copy(self._copy_sql.encode()) as copy:
                     copy.set_types(list(self.types))
