@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from posflow.contracts import ContractError, IngestEnvelope, Reason, Transaction
 from posflow.errors import PosflowError
 from posflow.http import start_http
+from posflow.kafkalag import ConsumerLag
 from posflow.security import refuse_dev_defaults
 from posflow.security.tls import kafka_ssl_options, postgres_dsn
 from posflow.settings import Settings
@@ -87,10 +88,6 @@ class RawSinkMetrics:
         self.dead_letters = Counter(
             "posflow_rawsink_dead_letters", "records sent to the dead-letter topic", ["reason"],
             registry=r,
-        )  # fmt: skip
-        self.lag = Gauge(
-            "posflow_rawsink_consumer_lag", "highwater - position per assigned partition",
-            ["topic", "partition"], registry=r,
         )  # fmt: skip
         self.db_errors = Counter(
             "posflow_rawsink_db_errors", "failed batch writes (retried)", registry=r
@@ -196,6 +193,8 @@ class RawSink:
     def __init__(self, settings: Settings, metrics: RawSinkMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
+        # The consumer lag every posflow consumer exports under one name (dashboards' lag row).
+        self.lag = ConsumerLag(metrics.registry, settings.rawsink.group)
         prefix = settings.kafka.topic_prefix
         self.telemetry_topic = f"{prefix}.telemetry.v1"
         self.txn_topic = f"{prefix}.txn.v1"
@@ -224,7 +223,6 @@ class RawSink:
         self.last_loop = 0.0
         self._written: list[_Written] = []
         self._inflight: asyncio.Task[None] | None = None
-        self._lag_labels: set[tuple[str, str]] = set()
 
     def is_ready(self) -> bool:
         return self.started and self.db_ok and time.monotonic() - self.last_loop < _READY_STALL_S
@@ -477,22 +475,7 @@ class RawSink:
                 return
 
     async def _update_lag(self) -> None:
-        seen: set[tuple[str, str]] = set()
-        for tp in self.consumer.assignment():
-            highwater = self.consumer.highwater(tp)
-            if highwater is None:
-                continue
-            try:
-                position = await self.consumer.position(tp)
-            except KafkaError:
-                continue
-            labels = (tp.topic, str(tp.partition))
-            self.metrics.lag.labels(*labels).set(max(highwater - position, 0))
-            seen.add(labels)
-        for labels in self._lag_labels - seen:
-            with contextlib.suppress(KeyError):
-                self.metrics.lag.remove(*labels)
-        self._lag_labels = seen
+        await self.lag.update(self.consumer)
 
     # --- upkeep -------------------------------------------------------------------------------
 

@@ -23,7 +23,14 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from posflow.contracts import Accepted, DeadLetter, IngestEnvelope, validate_message
+from posflow.contracts import (
+    Accepted,
+    DeadLetter,
+    IngestEnvelope,
+    Telemetry,
+    Transaction,
+    validate_message,
+)
 from posflow.settings import PostgresSettings, Settings
 from posflow.storage import migrate
 from tests.conftest import ROOT, free_port, unique
@@ -289,8 +296,10 @@ async def test_sink_writes_exact_rows_once_dead_letters_bad_records_and_keeps_go
             metrics,
             'posflow_rawsink_end_to_end_seconds_count{since="received",table="telemetry"}',
         ) == 9  # fmt: skip
-        assert f'posflow_rawsink_consumer_lag{{partition="0",topic="{env.topic("txn")}"}}' in (
-            metrics
+        group = env.group
+        assert (
+            f'posflow_consumer_lag{{group="{group}",partition="0",topic="{env.topic("txn")}"}}'
+            in metrics
         )
         # Periodic upkeep ran again after the one at start (period 1 s).
         await _wait(
@@ -345,18 +354,19 @@ async def test_sigkill_mid_stream_then_restart_stores_every_record_exactly_once(
     finally:
         _kill(second)
 
+    tele = [e.payload for e in telemetry if isinstance(e.payload, Telemetry)]
+    pays = [e.payload for e in txns if isinstance(e.payload, Transaction)]
+    assert (len(tele), len(pays)) == (len(telemetry), len(txns))
     stored = _query(env.pg, "SELECT terminal_id, seq, battery_level_pct FROM telemetry")
-    assert sorted(stored) == sorted(
-        (e.terminal_id, e.payload.seq, e.payload.battery.level_pct) for e in telemetry
-    )
+    assert sorted(stored) == sorted((p.terminal_id, p.seq, p.battery.level_pct) for p in tele)
     amounts = _query(env.pg, "SELECT txn_id, amount_minor FROM transactions")
-    assert sorted(amounts) == sorted((e.payload.txn_id, e.payload.amount_minor) for e in txns)
+    assert sorted(amounts) == sorted((p.txn_id, p.amount_minor) for p in pays)
     # The rollups count each sample once although the killed batch was written again.
     [(samples_total, battery_sum)] = _query(
         env.pg, "SELECT sum(samples), sum(battery_sum) FROM telemetry_rollup_1m"
     )
     assert samples_total == len(telemetry)
-    assert battery_sum == sum(e.payload.battery.level_pct for e in telemetry)
+    assert battery_sum == sum(p.battery.level_pct for p in tele)
     committed, end = await _committed_vs_end(env)
     assert committed == end
 
