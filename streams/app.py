@@ -92,6 +92,7 @@ class HealthApp:
                     terminal, event["merchant_id"]
                 )
                 touched[terminal] = state
+            late = state["late"]
             if kind == "telemetry":
                 payload = event["payload"]
                 outcome = on_telemetry(state, payload, _epoch(payload["ts"]), now, self.cfg)
@@ -101,9 +102,9 @@ class HealthApp:
                 payload = event["payload"]
                 outcome = on_status(state, payload, _epoch(payload["ts"]), now)
             self.metrics.events.labels(kind).inc()
-            if outcome == "late":
+            if state["late"] > late:  # also when a late message brought it back online
                 self.metrics.late.inc()
-            elif outcome == "replay":
+            if outcome == "replay":
                 self.metrics.replays.inc()
             elif outcome in ("online", "offline"):
                 self._state_change(state, outcome, now)
@@ -268,6 +269,7 @@ def build(settings: Settings) -> HealthApp:
                     "terminal_id": p["terminal_id"],
                     "merchant_id": p["merchant_id"],
                     "ts": p["ts"],
+                    "seq": p["seq"],  # orders it against status messages (streams/window.py)
                     "txn_id": p["txn_id"],
                     "status": p["status"],
                     "auth_latency_ms": p["auth_latency_ms"],

@@ -17,6 +17,29 @@ Time and lateness policy:
 * Replays (the same telemetry ``seq`` or transaction id again, after a
   worker restart) are recognised and ignored, so a window counts each message
   once even when Kafka delivers it twice.
+
+Online/offline ordering (status, telemetry and payments come from different
+topics, so their processing order is not their publish order):
+
+* The order key is the terminal's ``seq`` (one increasing counter per
+  terminal, shared by every kind), never ``ts``: the terminal clock may be
+  skewed, and a Last Will's ``seq`` and ``ts`` are reserved when it is
+  registered, at connect time, so they are old by the time it fires.
+* A status applies only if its ``seq`` is greater than every status applied
+  before (``status_seq``); an equal or older one (a retained status handed
+  out again, a redelivery, the will of an earlier connection) is ``stale``
+  and changes nothing.
+* After an offline status only a later "online" status brings the terminal
+  back: telemetry and payments with a greater ``seq`` may well have been
+  published before the connection dropped (every message of the dead
+  connection has a greater ``seq`` than its will), so they update the windows
+  and current readings but not online/offline.
+* After offline by silence (``check_offline``) a telemetry or payment newer
+  than everything heard before (``seq`` > ``max_seq`` at that moment) brings
+  it back; a delayed older one does not.
+
+States written before these fields existed lack them; the ``.get`` defaults
+below read such a state as "nothing ordered yet".
 """
 
 from __future__ import annotations
@@ -64,6 +87,10 @@ def new_state(terminal_id: str, merchant_id: str) -> State:
         "offline_reason": None,
         "heartbeat_s": 30,
         "late": 0,
+        "max_seq": -1,  # the greatest seq heard, any kind
+        "status_seq": -1,  # the seq of the last status applied
+        "offline_by": None,  # "status" (only a later online status lifts) or "silence"
+        "silent_seq": -1,  # max_seq when silence took it offline
         "seqs": [],
         "txns": [],
         "battery_hist": [],  # [ts, level, charging]
@@ -97,30 +124,59 @@ def _remember(items: list[Any], item: Any) -> bool:
     return True
 
 
-def _heard(state: State, ts: float, now: float) -> bool:
-    """Marks the terminal heard; True if it came back online."""
+def _seq(message: dict[str, Any]) -> int | None:
+    seq = message.get("seq")
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+
+
+def _heard(state: State, ts: float, now: float, seq: int | None) -> bool:
+    """Marks the terminal heard (telemetry or payment); True if it came back online.
+
+    See "Online/offline ordering" above: only newer evidence lifts an offline by
+    silence, and nothing but a later online status lifts an offline status.
+    """
     state["last_heard"] = now
     state["watermark"] = max(state["watermark"], ts)
-    if not state["online"]:
-        state["online"], state["offline_reason"] = True, None
-        return True
-    return False
+    if seq is not None:
+        state["max_seq"] = max(state.get("max_seq", -1), seq)
+    if state["online"] or _offline_by(state) == "status":
+        return False
+    if seq is not None and seq <= state.get("silent_seq", -1):
+        return False  # sent before the newest message heard when it went silent
+    state["online"], state["offline_reason"], state["offline_by"] = True, None, None
+    return True
+
+
+def _offline_by(state: State) -> str | None:
+    if state["online"]:
+        return None
+    by: str | None = state.get("offline_by")
+    if by is None:  # a state from before "offline_by" existed
+        by = "silence" if str(state["offline_reason"]).startswith("silent for") else "status"
+    return by
 
 
 def on_telemetry(state: State, t: dict[str, Any], ts: float, now: float, cfg: WindowConfig) -> str:
     """Apply one telemetry payload; returns 'ok', 'late', 'replay' or 'online'."""
     if not _remember(state["seqs"], t["seq"]):
         return "replay"
-    back = _heard(state, ts, now)
+    back = _heard(state, ts, now, _seq(t))
     state["heartbeat_s"] = t.get("heartbeat_interval_s", 30)
     signal, battery = t["signal"], t["battery"]
     dbm = signal.get("rsrp_dbm")
     dbm = signal.get("rssi_dbm") if dbm is None else dbm
     dbm = signal.get("wifi_rssi_dbm") if dbm is None else dbm
-    if ts >= state["current"].get("ts", 0.0):
+    current, seq = state["current"], _seq(t)
+    # The latest readings are the highest seq's, not the latest ts: a skewed clock
+    # (minutes behind after a reboot, say) must not freeze them.
+    if (
+        ts >= current.get("ts", 0.0)
+        if seq is None or current.get("seq") is None
+        else seq > current["seq"]
+    ):
         loc = t.get("location") or {}
         state["current"] = {
-            "ts": ts, "signal_type": signal["type"], "signal_dbm": dbm,
+            "ts": ts, "seq": seq, "signal_type": signal["type"], "signal_dbm": dbm,
             "carrier": signal.get("carrier"), "battery": battery["level_pct"],
             "charging": battery["charging"], "printer": t["printer"]["paper"],
             "app_version": t["app_version"], "firmware_version": t["firmware_version"],
@@ -137,7 +193,7 @@ def on_telemetry(state: State, t: dict[str, Any], ts: float, now: float, cfg: Wi
     window = _window(state, ts, cfg)
     if window is None:
         state["late"] += 1
-        return "late"
+        return "online" if back else "late"  # the caller counts lateness by state["late"]
     window["samples"] += 1
     window["sig_type"] = signal["type"]
     if signal["type"] == "none" or dbm is None:
@@ -161,11 +217,11 @@ def on_txn(state: State, t: dict[str, Any], ts: float, now: float, cfg: WindowCo
     """Apply one payment outcome; returns 'ok', 'late', 'replay' or 'online'."""
     if not _remember(state["txns"], t["txn_id"]):
         return "replay"
-    back = _heard(state, ts, now)
+    back = _heard(state, ts, now, _seq(t))
     window = _window(state, ts, cfg)
     if window is None:
         state["late"] += 1
-        return "late"
+        return "online" if back else "late"
     window["txn"] += 1
     status = t["status"]
     if status == "approved":
@@ -180,14 +236,29 @@ def on_txn(state: State, t: dict[str, Any], ts: float, now: float, cfg: WindowCo
 
 
 def on_status(state: State, s: dict[str, Any], ts: float, now: float) -> str:
-    """Apply a status message (the Last Will says offline); returns the change."""
+    """Apply a status message; returns 'online', 'offline', 'ok' or 'stale'.
+
+    'stale': a status not newer (by ``seq``) than the last one applied, ignored.
+    An offline status (the Last Will) keeps the terminal offline until a later
+    online status; see "Online/offline ordering" above.
+    """
+    seq = _seq(s)
+    if seq is not None:
+        if seq <= state.get("status_seq", -1):
+            return "stale"
+        state["status_seq"] = seq
+        state["max_seq"] = max(state.get("max_seq", -1), seq)
+    state["last_heard"] = now
     if s["state"] == "offline":
-        state["last_heard"] = now
-        if state["online"]:
-            state["online"], state["offline_reason"] = False, s.get("reason") or "last will"
-            return "offline"
+        was_online = state["online"]
+        state["online"], state["offline_by"] = False, "status"
+        state["offline_reason"] = s.get("reason") or "last will"
+        return "offline" if was_online else "ok"
+    state["watermark"] = max(state["watermark"], ts)
+    if state["online"]:
         return "ok"
-    return "online" if _heard(state, ts, now) else "ok"
+    state["online"], state["offline_reason"], state["offline_by"] = True, None, None
+    return "online"
 
 
 def check_offline(state: State, now: float, cfg: WindowConfig) -> bool:
@@ -198,8 +269,9 @@ def check_offline(state: State, now: float, cfg: WindowConfig) -> bool:
         and state["last_heard"]
         and silent > cfg.offline_factor * state["heartbeat_s"]
     ):
-        state["online"] = False
+        state["online"], state["offline_by"] = False, "silence"
         state["offline_reason"] = f"silent for {silent:.0f} s"
+        state["silent_seq"] = state.get("max_seq", -1)
         return True
     return False
 

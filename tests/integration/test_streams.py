@@ -269,3 +269,72 @@ async def test_worker_killed_mid_stream_resumes_its_windows_without_gaps(
     # and messages redelivered after it were not counted twice.
     assert [r[5]["samples"] for r in rows] == [4] * 10
     assert {r[5]["signal_avg_dbm"] for r in rows} == {-91.5}
+
+
+def _status(terminal: str, seq: int, ts: float, state: str) -> tuple[str, dict[str, Any]]:
+    body = samples.status(
+        merchant_id="M-h",
+        terminal_id=terminal,
+        seq=seq,
+        ts=datetime.fromtimestamp(ts, UTC).isoformat(),
+        state=state,
+        reason="last will" if state == "offline" else None,
+    )
+    return "status", body
+
+
+async def test_messages_sent_before_the_will_but_processed_after_it_leave_it_offline(
+    health: Health,
+) -> None:
+    """Status and telemetry/payments are different topics: their processing order is
+    forced here (each step waits for the worker), as load makes it happen by chance."""
+    worker = health.start_worker()
+    base = _base()
+    state_q = "SELECT online FROM terminal_state WHERE terminal_id = 'T-order'"
+    window_q = (
+        "SELECT (details->>'samples')::int, (details->>'txn')::int, details->>'printer_paper'"
+        " FROM terminal_health WHERE terminal_id = 'T-order' AND window_start = to_timestamp(%s)"
+    )
+
+    async def until(query: str, want: list[tuple[Any, ...]], *params: object) -> None:
+        rows: list[tuple[Any, ...]] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                rows = health.rows(query, *params)
+            except psycopg.errors.UndefinedTable:
+                rows = []
+            if rows == want:
+                return
+            await asyncio.sleep(0.3)
+        raise AssertionError(f"{query} {params}: {rows}, wanted {want}")
+
+    # Connected at base: online seq 100, its Last Will reserved as seq 101 (ts base).
+    await health.send([_status("T-order", 100, base, "online"), _tele("T-order", 102, base + 5)])
+    await until(window_q, [(1, 0, "ok")], base)
+    # The connection drops; the will overtakes the last telemetry and payment.
+    await health.send([_status("T-order", 101, base, "offline")])
+    await until(state_q, [(False,)])
+    payment = samples.txn(
+        merchant_id="M-h", terminal_id="T-order", txn_id="T-order:104", seq=104,
+        ts=datetime.fromtimestamp(base + 36, UTC).isoformat(),
+    )  # fmt: skip
+    await health.send(
+        [_tele("T-order", 103, base + 35, **{"printer.paper": "low"}), ("txn", payment)]
+    )
+    await until(window_q, [(2, 1, "low")], base)  # valid data: counted in its window
+    assert health.rows(state_q) == [(False,)], "a message sent before the will revived it"
+    # Reconnected: its next connection's telemetry comes before its online status.
+    await health.send([_tele("T-order", 112, base + 305)])
+    await until(window_q, [(1, 0, "ok")], base + 300)
+    assert health.rows(state_q) == [(False,)]
+    await health.send([_status("T-order", 110, base + 300, "online")])
+    await until(state_q, [(True,)])
+    assert worker.poll() is None, "the worker died"
+
+    # Offline, the first minute (closed by telemetry 112's event time), back online.
+    topic = await health.health_topic(wanted=3, seconds=20)
+    changes = [(r["online"], r["reason"]) for r in topic if r["type"] == "state"]
+    assert changes == [(False, "last will"), (True, None)]
+    windows = [(r["window_start"], r["facts"]["samples"]) for r in topic if r["type"] == "window"]
+    assert windows == [(int(base), 2)]

@@ -8,6 +8,7 @@ import pytest
 
 from streams.score import WindowFacts, score
 from streams.window import (
+    State,
     WindowConfig,
     check_offline,
     close_due,
@@ -166,6 +167,157 @@ def test_offline_by_silence_or_last_will_and_back_online_when_heard() -> None:
     assert check_offline(state, T0 + 31, CFG)
     assert (state["online"], state["offline_reason"]) == (False, "silent for 31 s")
     assert on_telemetry(state, tele(1), T0 + 40, T0 + 40, CFG) == "online"
-    assert on_status(state, {"state": "offline"}, T0 + 41, T0 + 41) == "offline"
+    assert on_status(state, status(2, "offline"), T0 + 41, T0 + 41) == "offline"
     assert state["offline_reason"] == "last will"
-    assert on_status(state, {"state": "online"}, T0 + 42, T0 + 42) == "online"
+    assert on_status(state, status(3, "online"), T0 + 42, T0 + 42) == "online"
+
+
+# --- online/offline ordering (docs/architecture.md, "online/offline ordering") ------------
+#
+# As the simulator (simulator/engine.py) and a real terminal do it: on connect it
+# publishes "online" with seq S and registers its Last Will with seq S + 1, both with
+# the connect time as ts; everything it sends on that connection has seq > S + 1 and a
+# later ts. The broker publishes the will, unchanged, when the connection drops.
+
+
+def status(seq: int, state: str, reason: str | None = None) -> dict[str, Any]:
+    if state == "offline" and reason is None:
+        reason = "last will"
+    return samples.status(seq=seq, state=state, reason=reason)
+
+
+def connected(seq: int, ts: float) -> State:
+    """A terminal that connected at ``ts`` (online ``seq``, will ``seq + 1``)."""
+    state = new_state("T-0001", "M-0001")
+    assert on_status(state, status(seq, "online"), ts, ts) == "ok"
+    return state
+
+
+def test_telemetry_sent_before_the_will_but_processed_after_it_leaves_the_terminal_offline() -> (
+    None
+):
+    state = connected(100, T0)  # its will: seq 101, ts T0
+    assert on_telemetry(state, tele(102, **{"battery.level_pct": 50}), T0 + 5, T0 + 5, CFG) == "ok"
+    # Sent at T0 + 35, just before the connection dropped, but its topic lags behind.
+    late_reading = tele(103, **{"battery.level_pct": 48})
+    assert on_status(state, status(101, "offline"), T0, T0 + 40) == "offline"
+    assert on_telemetry(state, late_reading, T0 + 35, T0 + 41, CFG) == "ok"  # not "online"
+    assert on_txn(state, {**txn("tx-1"), "seq": 104}, T0 + 36, T0 + 42, CFG) == "ok"
+    assert (state["online"], state["offline_reason"]) == (False, "last will")
+    # Still valid data: it counts in its window and is the latest reading.
+    assert state["windows"][str(int(T0))]["samples"] == 2
+    assert state["windows"][str(int(T0))]["txn"] == 1
+    assert state["current"]["battery"] == 48
+
+
+def test_only_a_later_online_status_brings_it_back_then_its_telemetry_keeps_it_online() -> None:
+    state = connected(100, T0)
+    on_telemetry(state, tele(102), T0 + 5, T0 + 5, CFG)
+    assert on_status(state, status(101, "offline"), T0, T0 + 40) == "offline"
+    # Reconnected at T0 + 300: online 110 (will 111), then telemetry 112; the telemetry
+    # topic is ahead, so 112 comes first. Newer than the will by seq and ts, yet from
+    # the outside no different from telemetry sent before the drop: it stays offline.
+    assert on_telemetry(state, tele(112), T0 + 305, T0 + 306, CFG) == "ok"
+    assert not state["online"]
+    assert on_status(state, status(110, "online"), T0 + 300, T0 + 307) == "online"
+    assert (state["online"], state["offline_reason"]) == (True, None)
+    assert on_telemetry(state, tele(113), T0 + 335, T0 + 336, CFG) == "ok"
+    assert state["online"]
+
+
+def test_old_or_repeated_statuses_do_not_flip_the_state() -> None:
+    state = connected(100, T0)
+    assert on_status(state, status(100, "online"), T0, T0 + 1) == "stale"  # redelivered
+    assert on_status(state, status(101, "offline"), T0, T0 + 40) == "offline"
+    assert on_status(state, status(101, "offline"), T0, T0 + 41) == "stale"  # retained again
+    assert on_status(state, status(100, "online"), T0, T0 + 42) == "stale"  # older online
+    assert not state["online"]
+    assert on_status(state, status(110, "online"), T0 + 300, T0 + 300) == "online"
+    # The first connection's will, or a retained offline handed to a new subscription,
+    # after the terminal reconnected: older than the online status, ignored.
+    assert on_status(state, status(101, "offline"), T0, T0 + 301) == "stale"
+    assert on_status(state, status(99, "offline", reason="shutdown"), T0, T0 + 302) == "stale"
+    assert (state["online"], state["status_seq"]) == (True, 110)
+
+
+def test_a_retained_old_offline_after_newer_telemetry_leaves_the_terminal_online() -> None:
+    state = connected(200, T0 + 600)  # second connection; the first one's will was 151
+    on_telemetry(state, tele(202), T0 + 605, T0 + 605, CFG)
+    on_txn(state, {**txn("tx-9"), "seq": 203}, T0 + 606, T0 + 606, CFG)
+    assert on_status(state, status(151, "offline"), T0 + 100, T0 + 607) == "stale"
+    assert (state["online"], state["last_heard"]) == (True, T0 + 606)  # a replay is not life
+
+
+def test_the_will_counts_although_its_connect_time_ts_is_older_than_what_was_heard() -> None:
+    state = connected(100, T0)
+    for i in range(20):  # ten minutes of telemetry on that connection
+        on_telemetry(state, tele(102 + i), T0 + 30 * i, T0 + 30 * i, CFG)
+    assert state["watermark"] == T0 + 570
+    # The broker publishes the will registered at connect: ts T0, seq 101, both older
+    # than everything heard since. It still takes the terminal offline.
+    assert on_status(state, status(101, "offline"), T0, T0 + 600) == "offline"
+    assert (state["online"], state["offline_reason"]) == (False, "last will")
+    assert state["watermark"] == T0 + 570  # the old ts moves no window
+
+
+def test_skewed_terminal_clocks_do_not_decide_online_or_offline() -> None:
+    # The clock runs 15 minutes ahead on the first connection: its last telemetry,
+    # processed after the will, has a ts far beyond it. Still offline.
+    state = connected(100, T0 + 900)
+    assert on_status(state, status(101, "offline"), T0 + 900, T0 + 40) == "offline"
+    assert on_telemetry(state, tele(102), T0 + 935, T0 + 41, CFG) == "ok"
+    assert not state["online"]
+    # Corrected (15 minutes back) before it reconnects: the new online status has a ts
+    # older than the will's and the telemetry's, and the higher seq. Online.
+    assert on_status(state, status(110, "online"), T0 + 300, T0 + 300) == "online"
+    assert on_telemetry(state, tele(112), T0 + 305, T0 + 306, CFG) == "ok"
+    assert state["online"]
+    # The latest readings follow seq too, not the skewed ts.
+    assert state["current"]["seq"] == 112
+    # A delayed status of the skewed connection (higher ts, lower seq) is stale.
+    assert on_status(state, status(101, "offline"), T0 + 900, T0 + 310) == "stale"
+    assert state["online"]
+
+
+def test_after_silence_only_newer_messages_bring_it_back() -> None:
+    state = connected(100, T0)
+    on_telemetry(state, tele(103, heartbeat_interval_s=10), T0, T0, CFG)
+    assert check_offline(state, T0 + 31, CFG)
+    # Delayed on its topic: older than what was heard before the silence. Not evidence.
+    assert on_txn(state, {**txn("tx-1"), "seq": 102}, T0 - 1, T0 + 32, CFG) == "ok"
+    assert not state["online"]
+    assert on_telemetry(state, tele(104), T0 + 40, T0 + 41, CFG) == "online"
+    assert (state["online"], state["offline_reason"]) == (True, None)
+
+
+def test_a_will_after_silence_holds_the_terminal_offline_with_its_reason() -> None:
+    state = connected(100, T0)
+    on_telemetry(state, tele(102, heartbeat_interval_s=10), T0, T0, CFG)
+    assert check_offline(state, T0 + 31, CFG)
+    assert on_status(state, status(101, "offline"), T0, T0 + 32) == "ok"  # already offline
+    assert state["offline_reason"] == "last will"
+    # Telemetry the dead connection sent before it dropped: newer than anything heard
+    # at the silence, but the will says the connection is gone.
+    assert on_telemetry(state, tele(103), T0 + 10, T0 + 33, CFG) == "ok"
+    assert not state["online"]
+
+
+def test_a_late_message_that_brings_a_silent_terminal_back_says_so() -> None:
+    state = new_state("T-0001", "M-0001")
+    on_telemetry(state, tele(0, heartbeat_interval_s=10), T0 + 5, T0 + 5, CFG)
+    on_telemetry(state, tele(1, heartbeat_interval_s=10), T0 + 75, T0 + 75, CFG)
+    close_due(state, T0 + 75, CFG)  # minute 0 closed
+    assert check_offline(state, T0 + 106, CFG)
+    # Newest by seq, though its (skewed) ts falls in the closed minute: late, and online.
+    assert on_telemetry(state, tele(2), T0 + 30, T0 + 107, CFG) == "online"
+    assert (state["online"], state["late"]) == (True, 1)
+
+
+def test_a_state_written_before_the_ordering_fields_keeps_working() -> None:
+    state = new_state("T-0001", "M-0001")
+    for key in ("max_seq", "status_seq", "offline_by", "silent_seq"):
+        del state[key]
+    state.update(online=False, offline_reason="last will")  # offline by an old will
+    assert on_telemetry(state, tele(5), T0, T0, CFG) == "ok"
+    assert not state["online"]
+    assert on_status(state, status(7, "online"), T0 + 1, T0 + 1) == "online"
