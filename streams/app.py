@@ -28,6 +28,7 @@ from typing import Any
 import faust
 import orjson
 
+from posflow.kafkalag import ConsumerLag
 from posflow.settings import Settings
 from streams.metrics import StreamMetrics
 from streams.sink import HealthSink
@@ -295,6 +296,13 @@ def build(settings: Settings) -> HealthApp:
     async def flush() -> None:
         if health.sink.pending():
             await asyncio.to_thread(health.sink.flush)
+
+    # faust's position is its fetcher's (a little ahead of the agents); close enough for lag.
+    lag = ConsumerLag(metrics.registry, s.app_id)
+
+    @app.timer(5.0)
+    async def consumer_lag() -> None:
+        await lag.update(app.consumer)
 
     @app.task
     async def serve_metrics() -> None:
