@@ -181,11 +181,13 @@ class Bridge:
             dead = result.dead_letter
             self.metrics.received.labels("invalid").inc()
             self.metrics.dead_lettered.labels(dead.reason.value).inc()
-            # The reason is logged; the payload never is (it may hold card data).
-            log.info("dead letter %s from %s: %s", dead.reason.value, topic, dead.message)
+            # The reason is logged; the payload never is (it may hold card data), and the
+            # topic only as the dead letter shows it (card data redacted).
+            shown = dead.original_topic
+            log.info("dead letter %s from %s: %s", dead.reason.value, shown, dead.message)
             record = PendingRecord(
                 topic=self.deadletter_topic,
-                key=topic.encode("utf-8", errors="replace")[:256],
+                key=shown.encode("utf-8", errors="replace")[:256],
                 value=dead.to_json(),
                 mid=mid,
                 qos=qos,

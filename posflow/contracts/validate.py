@@ -133,8 +133,12 @@ def _check(
 def _check_payload(
     text: str, payload: bytes, ref: TopicRef, topic: str
 ) -> tuple[TopicRef, TerminalPayload] | _Problem:
-    # The topic is known good: its digit runs are identities, and it is shown as it is.
+    # The topic is well formed: its digit runs are identities for the card-data check. A
+    # rejected message's topic is shown redacted all the same, but for the terminal id (the
+    # broker's authenticated username): the ACL lets a terminal publish under any merchant
+    # segment, so a broken app can put a card number there.
     ignore = _identity_digits(ref.merchant_id, ref.terminal_id)
+    topic = redact(topic, ignore=_identity_digits("", ref.terminal_id))
     found = find_card_data(text, ignore=ignore)
     if found is None and "\\u" in text:
         # JSON \u escapes can spell digits ("\u0034\u0031..."): scan what a parser sees too.
