@@ -242,9 +242,12 @@ def _identity_mismatch(parsed: TerminalPayload, ref: TopicRef) -> ContractError 
 
 @functools.lru_cache(maxsize=1 << 16)
 def _identity_digits(merchant_id: str, terminal_id: str) -> frozenset[str]:
-    # The topic's ids come from the broker's authenticated identity: a numeric merchant id
-    # that happens to pass Luhn is an identifier, not a card number.
-    return identifier_runs(merchant_id, terminal_id)
+    # Only the terminal id is the broker's authenticated identity (the ACL binds the login
+    # to the topic's terminal segment): a numeric terminal serial that happens to pass Luhn
+    # is an identifier. The merchant segment is whatever the publisher wrote, so a card
+    # number there is card data like anywhere else.
+    del merchant_id
+    return identifier_runs(terminal_id)
 
 
 def _safe_topic(topic: str) -> str:

@@ -119,12 +119,24 @@ def test_refund_without_original_and_void_with_original_are_accepted() -> None:
     accepted("txn", samples.txn(type="void", original_txn_id="T-0001:000041"))
 
 
-def test_numeric_merchant_id_that_passes_luhn_is_an_identifier_not_a_card_number() -> None:
+def test_a_card_number_as_merchant_id_is_card_data_the_merchant_segment_is_not_authenticated() -> (
+    None
+):
+    # The broker binds a login to the topic's terminal segment only: a terminal can write
+    # anything in the merchant segment, so a card number there must not become a Kafka key.
     merchant = "4111111111111111"
     payload = samples.txn(merchant_id=merchant)
     result = check("txn", payload, topic=samples.topic("txn", merchant=merchant))
+    assert isinstance(result, Rejected), result
+    assert result.dead_letter.reason == Reason.CARD_DATA
+    assert merchant not in result.dead_letter.model_dump_json()
+
+
+def test_numeric_terminal_serial_that_passes_luhn_is_an_identifier_not_a_card_number() -> None:
+    terminal = "4111111111111111"  # the broker authenticated this login
+    payload = samples.txn(terminal_id=terminal)
+    result = check("txn", payload, topic=samples.topic("txn", terminal=terminal))
     assert isinstance(result, Accepted), result
-    assert result.envelope.kafka_key() == merchant.encode()
 
 
 def test_long_float_fraction_is_not_mistaken_for_a_card_number() -> None:
