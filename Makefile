@@ -1,5 +1,5 @@
 # posflow: the two commands of the README, and their parts.
-#   make demo   set everything up, start the real local stack, run a round trip through it
+#   make demo   set everything up, start the local stack and the whole pipeline with a fleet
 #   make test   set everything up, start the stack, lint, type-check and run the whole suite
 
 PYTHON ?= python3
@@ -27,9 +27,8 @@ stack-down: install
 	$(BIN)/posflow stack down
 
 demo: stack-up
-	$(BIN)/posflow stack status
 	$(BIN)/posflow stack check
-	$(BIN)/posflow demo
+	$(BIN)/posflow demo $(DEMO_ARGS)
 	@echo "Stop the stack with: $(BIN)/posflow stack down"
 
 lint: install

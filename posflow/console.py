@@ -75,10 +75,20 @@ def counter_totals(
 class Watcher:
     """Takes snapshots: scrapes the stages' metrics and queries the database."""
 
-    def __init__(self, stages: Sequence[Stage], dsn: str, merchant_id: str | None) -> None:
+    def __init__(
+        self,
+        stages: Sequence[Stage],
+        dsn: str,
+        merchant_id: str | None = None,
+        *,
+        fleet: str | None = None,
+    ) -> None:
         self.stages = list(stages)
         self.dsn = dsn
         self.merchant_id = merchant_id
+        # Terminals and merchants of one simulated fleet (ids "T-<fleet>-..." / "M-<fleet>-...");
+        # None: everything in the database.
+        self.fleet = fleet
         self.http = httpx.Client(timeout=2.0)
         self.previous: Snapshot | None = None
         self.events: deque[str] = deque(maxlen=8)
@@ -125,9 +135,11 @@ class Watcher:
 
     def _query(self, snap: Snapshot) -> None:
         with psycopg.connect(self.dsn, connect_timeout=3) as conn:
+            terminals = f"T-{self.fleet}-%" if self.fleet else "%"
             row = conn.execute(
                 "SELECT count(*) FILTER (WHERE online), count(*) FILTER (WHERE NOT online)"
-                " FROM terminal_state"
+                " FROM terminal_state WHERE terminal_id LIKE %s",
+                [terminals],
             ).fetchone()
             snap.online, snap.offline = (int(row[0]), int(row[1])) if row else (0, 0)
             for bucket, n in conn.execute(
@@ -136,19 +148,34 @@ class Watcher:
                             WHEN health_score >= 50 THEN 'degraded (50-79)'
                             WHEN health_score IS NULL THEN 'no score yet'
                             ELSE 'unhealthy (0-49)' END, count(*)
-                  FROM terminal_state GROUP BY 1
-                """
+                  FROM terminal_state WHERE terminal_id LIKE %s GROUP BY 1
+                """,
+                [terminals],
             ).fetchall():
                 snap.health_buckets[str(bucket)] = int(n)
             rows = conn.execute(
                 """
                 SELECT alert_id, rule, subject_id, state FROM alerts
-                 WHERE state <> 'resolved' ORDER BY started_at DESC LIMIT 500
-                """
+                 WHERE state <> 'resolved' AND (%s OR subject_id LIKE %s OR merchant_id LIKE %s)
+                 ORDER BY started_at DESC LIMIT 500
+                """,
+                [self.fleet is None, terminals, f"M-{self.fleet}-%"],
             ).fetchall()
             snap.open_alerts = [(str(a), str(r), str(s), str(st)) for a, r, s, st in rows]
-            for rule, n in conn.execute("SELECT rule, count(*) FROM alerts GROUP BY rule"):
+            for rule, n in conn.execute(
+                "SELECT rule, count(*) FROM alerts"
+                " WHERE %s OR subject_id LIKE %s OR merchant_id LIKE %s GROUP BY rule",
+                [self.fleet is None, terminals, f"M-{self.fleet}-%"],
+            ):
                 snap.alerts_by_rule[str(rule)] = int(n)
+            if self.merchant_id is None and self.fleet is not None:
+                # The fleet's busiest merchant so far: its balance is the one that moves.
+                found = conn.execute(
+                    "SELECT merchant_id FROM merchant_cashflow_seq WHERE merchant_id LIKE %s"
+                    " ORDER BY last_seq DESC, merchant_id LIMIT 1",
+                    [f"M-{self.fleet}-%"],
+                ).fetchone()
+                self.merchant_id = str(found[0]) if found else None
             if self.merchant_id is not None:
                 snap.balance = [
                     (str(c).strip(), int(p), int(a), int(o), int(seq or 0))

@@ -40,12 +40,12 @@ __all__ = ["MainJobOptions", "Summary", "run_main"]
 @dataclass(frozen=True)
 class MainJobOptions:
     terminals: int = 2000
-    merchants: int = 200
     scenario: str = "demo"
     duration_s: float | None = None
     drain_s: float = 20.0
     refresh_s: float = 1.0
     fleet_id: str = "demo"
+    log_dir: Path | None = None  # default: <stack dir>/logs/mainjob
 
 
 @dataclass
@@ -72,13 +72,7 @@ def stages_for(settings: Settings) -> list[Stage]:
     return [
         Stage("published (MQTT)", "simulate", s.simulator, "posflow_sim_published"),
         Stage("received from MQTT", "ingest", s.ingest, "posflow_ingest_received"),
-        Stage(
-            "telemetry to Kafka",
-            "ingest",
-            s.ingest,
-            "posflow_ingest_produced",
-            {"topic": f"{p}.telemetry.v1"},
-        ),
+        Stage("records to Kafka", "ingest", s.ingest, "posflow_ingest_produced"),
         Stage(
             "payments to Kafka",
             "ingest",
@@ -89,9 +83,11 @@ def stages_for(settings: Settings) -> list[Stage]:
         Stage("dead-lettered", "ingest", s.ingest, "posflow_ingest_dead_lettered"),
         Stage("health events", "streams", s.streams, "posflow_streams_events"),
         Stage("health rows written", "streams", s.streams, "posflow_streams_sink_rows"),
+        Stage("raw rows stored", "sink", s.rawsink, "posflow_rawsink_rows"),
         Stage("ledger entries", "settlement", s.settlement, "posflow_settlement_ledger_writes"),
+        Stage("cash-flow events", "settlement", s.settlement, "posflow_settlement_cashflow_events"),
         Stage("alert evaluations", "alerts", s.alerts, "posflow_alerts_evaluations"),
-        Stage("cash-flow events to clients", "api", s.api, "posflow_api_sse_events_sent"),
+        Stage("cash-flow events to clients", "api", s.api, "posflow_api_events_delivered"),
     ]
 
 
@@ -104,19 +100,21 @@ def service_specs(settings: Settings, options: MainJobOptions) -> list[ServiceSp
         options.fleet_id,
         "--terminals",
         str(options.terminals),
-        "--merchants",
-        str(options.merchants),
         "--scenario",
         options.scenario,
+        "--no-register",  # registered once by the main job before the services start
+        "--duration",
+        # The main job stops the simulator itself when its own duration ends.
+        f"{(options.duration_s or 7 * 24 * 3600) + 60:g}",
     ]
-    if options.duration_s is not None:
-        sim_args += ["--duration", f"{options.duration_s:g}"]
     return [
         ServiceSpec("ingest", ["ingest"], s.ingest),
         ServiceSpec("streams", ["streams", "worker"], s.streams),
+        ServiceSpec("sink", ["streams", "sink"], s.rawsink),
         ServiceSpec("settlement", ["settlement", "worker"], s.settlement),
         ServiceSpec("alerts", ["alerts", "run"], s.alerts),
         ServiceSpec("api", ["api"], s.api),
+        ServiceSpec("webhooks", ["api", "webhooks", "deliver"], None),
         ServiceSpec("simulate", sim_args, s.simulator, restart=options.duration_s is None),
     ]
 
@@ -146,41 +144,52 @@ def _prepare(settings: Settings, options: MainJobOptions, say: Callable[[str], N
 
     say("starting the local stack (installs what is missing on first use)")
     Stack(settings).up(None, progress=lambda line: say(f"  {line}"))
+    _create_database(settings, say)
     say("migrating the database")
     with psycopg.connect(settings.postgres.dsn(), autocommit=True) as conn:
         path = prepare_database(conn, settings.storage)
     say(f"  storage path: {path}")
-    say(f"registering the demo fleet: {options.terminals} terminals, {options.merchants} merchants")
-    _cli(
-        [
-            "fleet",
-            "register",
-            "--fleet",
-            options.fleet_id,
-            "--terminals",
-            str(options.terminals),
-            "--merchants",
-            str(options.merchants),
-        ],
-        "registering the demo fleet",
+    say(f"registering the fleet {options.fleet_id!r}: {options.terminals} terminals")
+    say(
+        "  "
+        + _cli(
+            [
+                "fleet",
+                "register",
+                "--fleet",
+                options.fleet_id,
+                "--terminals",
+                str(options.terminals),
+            ],
+            "registering the fleet",
+        ).strip()
     )
 
 
-def _first_merchant(settings: Settings) -> str | None:
+def _create_database(settings: Settings, say: Callable[[str], None]) -> None:
+    """The configured database, created when the server has none of that name."""
     import psycopg
+    from psycopg import sql
 
-    with psycopg.connect(settings.postgres.dsn(), connect_timeout=5) as conn:
-        row = conn.execute(
-            "SELECT merchant_id FROM merchants ORDER BY merchant_id LIMIT 1"
-        ).fetchone()
-    return str(row[0]) if row else None
+    pg = settings.postgres
+    with psycopg.connect(pg.dsn(database="postgres"), autocommit=True) as admin:
+        if admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", [pg.database]).fetchone():
+            return
+        try:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(pg.database)))
+        except psycopg.errors.InsufficientPrivilege:
+            raise PosflowError(
+                f"database {pg.database!r} does not exist and user {pg.user!r} may not create it",
+                fix="create it once (CREATE DATABASE ... OWNER ...) or grant CREATEDB",
+            ) from None
+    say(f"  created database {pg.database}")
 
 
 def run_main(settings: Settings, options: MainJobOptions, console: Console) -> Summary:
     """Run the whole pipeline until ``options.duration_s`` passes or Ctrl-C; return a summary."""
     _prepare(settings, options, lambda line: console.print(line, highlight=False))
     stages = stages_for(settings)
-    log_dir = Path(settings.stack.dir) / "logs" / "mainjob"
+    log_dir = options.log_dir or Path(settings.stack.dir) / "logs" / "mainjob"
     events: list[str] = []
 
     def event(text: str) -> None:
@@ -188,7 +197,7 @@ def run_main(settings: Settings, options: MainJobOptions, console: Console) -> S
         events.append(f"{stamp} {text}")
 
     sup = Supervisor(service_specs(settings, options), log_dir=log_dir, on_event=event)
-    watcher = Watcher(stages, settings.postgres.dsn(), _first_merchant(settings))
+    watcher = Watcher(stages, settings.postgres.dsn(), fleet=options.fleet_id)
     host = settings.services.bind_host
     addresses = {
         "merchant API": f"http://{host}:{settings.services.api}/docs",
@@ -286,14 +295,15 @@ def _finish(
     sup.stop()
     published = snap.stage_totals.get("published (MQTT)", 0.0)
     received = snap.stage_totals.get("received from MQTT", 0.0)
-    to_kafka = (
-        snap.stage_totals.get("telemetry to Kafka", 0.0)
-        + snap.stage_totals.get("payments to Kafka", 0.0)
-        + snap.stage_totals.get("dead-lettered", 0.0)
-    )
+    to_kafka = snap.stage_totals.get("records to Kafka", 0.0)  # dead letters included
+    # Lost between the terminals and the bridge, and inside the bridge (each message it
+    # received is one Kafka record: its topic's or a dead letter). The broker may also hand
+    # the bridge retained status messages of earlier runs, so "received" can exceed
+    # "published": that is not negative loss.
+    lost = max(0.0, published - received) + max(0.0, received - to_kafka)
     summary = Summary(
         seconds=round(time.monotonic() - started, 1),
-        stages=dict(snap.stage_totals),
+        stages={st.name: snap.stage_totals.get(st.name, 0.0) for st in watcher.stages},
         alerts_by_rule=dict(snap.alerts_by_rule),
         online=snap.online,
         offline=snap.offline,
@@ -301,7 +311,7 @@ def _finish(
         events=list(events),
         published=published,
         reached_kafka=to_kafka,
-        lost=max(0.0, published - received),
+        lost=lost,
     )
     _print_summary(summary, console)
     return summary

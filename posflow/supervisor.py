@@ -156,6 +156,8 @@ class Supervisor:
             start_new_session=True,  # its own process group: signals reach its children too
         )
         running.started_at = time.monotonic()
+        # For operators (and tests) who want to signal one service directly.
+        (self.log_dir / f"{spec.name}.pid").write_text(f"{running.proc.pid}\n")
 
     def _exited(self, running: _Running, code: int, now: float) -> None:
         running.proc = None

@@ -1,0 +1,136 @@
+"""The main job (`posflow demo --duration`): every service supervised, a fleet, a summary.
+
+The run gets its own topic prefix, database, consumer groups, ports and fleet, so it
+never sees another test's data; otherwise it is exactly what the README's first
+command runs. During the run the test kills one service with SIGKILL: the supervisor
+must restart it and say so, and the money must still add up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from posflow.settings import Settings
+from posflow.stack import Stack
+from tests.conftest import ROOT, free_port, unique
+
+pytestmark = pytest.mark.slow
+
+DURATION_S = 80
+TERMINALS = 40
+
+
+def _env(settings: Settings, run: str, db: str) -> dict[str, str]:
+    ports = {name: str(free_port()) for name in ("ingest", "streams", "rawsink", "settlement")}
+    ports |= {name: str(free_port()) for name in ("alerts", "api", "simulator")}
+    return {
+        **os.environ,
+        "COLUMNS": "160",
+        "POSFLOW_KAFKA__TOPIC_PREFIX": run,
+        "POSFLOW_POSTGRES__DATABASE": db,
+        "POSFLOW_STREAMS__APP_ID": f"{run}-health",
+        "POSFLOW_STREAMS__DATA_DIR": f"/tmp/{run}-faust",
+        "POSFLOW_SETTLEMENT__GROUP": f"{run}-settlement",
+        "POSFLOW_ALERTS__GROUP": f"{run}-alerts",
+        "POSFLOW_RAWSINK__GROUP": f"{run}-sink",
+        "POSFLOW_INGEST__CLIENT_ID": f"{run}-ingest",
+        "POSFLOW_INGEST__SHARE_GROUP": run.replace("-", ""),
+        "POSFLOW_API__WEBHOOK_PORT": str(free_port()),
+        **{f"POSFLOW_SERVICES__{name.upper()}": port for name, port in ports.items()},
+    }
+
+
+def test_the_main_job_runs_every_stage_restarts_a_killed_service_and_loses_nothing(
+    settings: Settings, stack: Stack, tmp_path: Path
+) -> None:
+    run = unique("mj").lower()
+    db = run.replace("-", "_")
+    env = _env(settings, run, db)
+    log_dir = tmp_path / "logs"
+    summary_file = tmp_path / "summary.json"
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "posflow.cli", "demo", "--duration", str(DURATION_S),
+            "--terminals", str(TERMINALS), "--fleet", run, "--log-dir", str(log_dir),
+            "--summary-json", str(summary_file),
+        ],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        # Once the settlement worker has written its first ledger rows, kill it.
+        killed = _kill_when_money_flows(db, settings, log_dir / "settlement.pid", proc)
+        out, _ = proc.communicate(timeout=DURATION_S + 240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text[-4000:]
+    summary = json.loads(summary_file.read_text())
+
+    stages = summary["stages"]
+    for stage in (
+        "published (MQTT)", "received from MQTT", "records to Kafka", "payments to Kafka",
+        "dead-lettered", "health events", "health rows written", "raw rows stored",
+        "ledger entries", "cash-flow events", "alert evaluations",
+    ):  # fmt: skip
+        assert stages.get(stage, 0) > 0, (stage, stages)
+    assert summary["lost"] == 0, summary
+    # The demo scenario's tampered terminal and its broken app (malformed + card number).
+    assert summary["alerts_by_rule"].get("tamper_detected", 0) >= 1, summary["alerts_by_rule"]
+    assert stages["dead-lettered"] >= 1
+
+    # The supervisor restarted the killed worker and said so.
+    assert killed is not None
+    assert summary["restarts"]["settlement"] >= 1
+    assert any("settlement exited with code -9" in e for e in summary["events"]), summary
+    assert any("settlement restarted" in e for e in summary["events"]), summary
+    assert "posflow summary" in text
+    assert "lost 0" in text
+
+    # Nothing counted twice: every cash-flow event once, numbered 1..n per merchant,
+    # and the balances are the sum of the ledger's effects.
+    with psycopg.connect(settings.postgres.dsn(database=db)) as conn:
+        gaps = conn.execute(
+            "SELECT merchant_id, count(*), max(seq) FROM cashflow_events GROUP BY 1"
+            " HAVING count(*) <> max(seq)"
+        ).fetchall()
+        assert gaps == []
+        dup = conn.execute(
+            "SELECT txn_id FROM ledger_entries GROUP BY txn_id HAVING count(*) > 1"
+        ).fetchall()
+        assert dup == []
+    _drop(settings, db)
+
+
+def _kill_when_money_flows(
+    db: str, settings: Settings, pidfile: Path, proc: subprocess.Popen[bytes]
+) -> int | None:
+    deadline = time.monotonic() + DURATION_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with psycopg.connect(settings.postgres.dsn(database=db), connect_timeout=3) as conn:
+                row = conn.execute("SELECT count(*) FROM ledger_entries").fetchone()
+        except psycopg.Error:
+            row = None
+        if row and row[0] > 0 and pidfile.exists():
+            pid = int(pidfile.read_text())
+            os.kill(pid, signal.SIGKILL)
+            return pid
+        time.sleep(1.0)
+    return None
+
+
+def _drop(settings: Settings, db: str) -> None:
+    with psycopg.connect(settings.postgres.dsn(), autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db)))
