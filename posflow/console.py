@@ -217,6 +217,7 @@ def render(
     events: Sequence[str],
     merchant_id: str | None,
     services: Mapping[str, Any],
+    feed: str | None = None,
 ) -> RenderableType:
     """One frame of the console."""
     flow = Table(title="messages through each stage", expand=True)
@@ -261,7 +262,7 @@ def render(
     grid.add_column(ratio=1)
     grid.add_column(ratio=1)
     grid.add_row(flow, fleet)
-    grid.add_row(alerts, money)
+    grid.add_row(alerts, Group(money, Text(feed or "", style="green")))
 
     procs = Text("  ".join(f"{name}: {state}" for name, state in services.items()), style="dim")
     where = Text("  ".join(f"{k} {v}" for k, v in addresses.items()), style="cyan")

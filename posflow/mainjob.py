@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from rich.table import Table
 
 from posflow.console import Snapshot, Stage, Watcher, render
 from posflow.errors import PosflowError
+from posflow.feedclient import FeedClient
 from posflow.settings import Settings
 from posflow.supervisor import ServiceSpec, Supervisor
 
@@ -60,6 +62,8 @@ class Summary:
     published: float = 0.0
     reached_kafka: float = 0.0
     lost: float = 0.0
+    feed_events: int = 0
+    feed_merchant: str = ""
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2, sort_keys=True)
@@ -185,9 +189,44 @@ def _create_database(settings: Settings, say: Callable[[str], None]) -> None:
     say(f"  created database {pg.database}")
 
 
+def _featured(
+    settings: Settings, options: MainJobOptions, say: Callable[[str], None]
+) -> FeedClient:
+    """The fleet's largest merchant, with a merchant key and an API key for its live feed."""
+    import psycopg
+
+    with psycopg.connect(settings.postgres.dsn(), connect_timeout=5) as conn:
+        row = conn.execute(
+            "SELECT merchant_id FROM terminals WHERE merchant_id LIKE %s"
+            " GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1",
+            [f"M-{options.fleet_id}-%"],
+        ).fetchone()
+    if row is None:
+        raise PosflowError(
+            f"fleet {options.fleet_id!r} has no terminals in the database",
+            fix="see `posflow fleet register --help`",
+        )
+    merchant = str(row[0])
+    with contextlib.suppress(PosflowError):  # a second run: the merchant's key already exists
+        _cli(["keys", "issue", merchant, "--actor", "posflow-demo"], "issuing the merchant key")
+    out = _cli(
+        ["api", "keys", "issue", "--merchant", merchant, "--label", "posflow demo console",
+         "--actor", "posflow-demo"],
+        "issuing the merchant's API key",
+    )  # fmt: skip
+    found = re.search(r"\bpf_[A-Za-z0-9_\-]+", out)
+    if found is None:
+        raise PosflowError("no API key in the output of `posflow api keys issue`", detail=out)
+    say(f"  live feed of merchant {merchant} through the merchant API (SSE)")
+    host = settings.services.bind_host
+    return FeedClient(f"http://{host}:{settings.services.api}", merchant, found.group(0))
+
+
 def run_main(settings: Settings, options: MainJobOptions, console: Console) -> Summary:
     """Run the whole pipeline until ``options.duration_s`` passes or Ctrl-C; return a summary."""
-    _prepare(settings, options, lambda line: console.print(line, highlight=False))
+    say = lambda line: console.print(line, highlight=False)  # noqa: E731
+    _prepare(settings, options, say)
+    feed = _featured(settings, options, say)
     stages = stages_for(settings)
     log_dir = options.log_dir or Path(settings.stack.dir) / "logs" / "mainjob"
     events: list[str] = []
@@ -197,7 +236,7 @@ def run_main(settings: Settings, options: MainJobOptions, console: Console) -> S
         events.append(f"{stamp} {text}")
 
     sup = Supervisor(service_specs(settings, options), log_dir=log_dir, on_event=event)
-    watcher = Watcher(stages, settings.postgres.dsn(), fleet=options.fleet_id)
+    watcher = Watcher(stages, settings.postgres.dsn(), feed.merchant_id, fleet=options.fleet_id)
     host = settings.services.bind_host
     addresses = {
         "merchant API": f"http://{host}:{settings.services.api}/docs",
@@ -215,6 +254,7 @@ def run_main(settings: Settings, options: MainJobOptions, console: Console) -> S
     snap: Snapshot | None = None
     sup.start()
     event("services started: " + ", ".join(sup.services))
+    feed.start()
     try:
         with Live(console=console, refresh_per_second=2, transient=False) as live:
             while not stop_requested:
@@ -234,6 +274,7 @@ def run_main(settings: Settings, options: MainJobOptions, console: Console) -> S
                         watcher=watcher,
                         sup=sup,
                         elapsed=elapsed,
+                        feed=feed,
                     )
                 )
                 time.sleep(options.refresh_s)
@@ -244,6 +285,9 @@ def run_main(settings: Settings, options: MainJobOptions, console: Console) -> S
         summary = _finish(
             sup, watcher=watcher, options=options, events=events, started=started, console=console
         )
+        feed.stop()
+        summary.feed_events, summary.feed_merchant = feed.events, feed.merchant_id
+        console.print(feed.line(), highlight=False)
         watcher.close()
     return summary
 
@@ -257,6 +301,7 @@ def _frame(
     watcher: Watcher,
     sup: Supervisor,
     elapsed: float,
+    feed: FeedClient,
 ) -> Any:
     states = {
         name: (f"pid {sup.pid(name)}" if sup.pid(name) else "down")
@@ -272,6 +317,7 @@ def _frame(
         events=merged,
         merchant_id=watcher.merchant_id,
         services=states,
+        feed=feed.line(),
     )
 
 

@@ -79,13 +79,17 @@ def test_the_main_job_runs_every_stage_restarts_a_killed_service_and_loses_nothi
     summary = json.loads(summary_file.read_text())
 
     stages = summary["stages"]
+    feed_lines = [line for line in text.splitlines() if "live feed" in line][-3:]
     for stage in (
         "published (MQTT)", "received from MQTT", "records to Kafka", "payments to Kafka",
         "dead-lettered", "health events", "health rows written", "raw rows stored",
-        "ledger entries", "cash-flow events", "alert evaluations",
+        "ledger entries", "cash-flow events", "alert evaluations", "cash-flow events to clients",
     ):  # fmt: skip
-        assert stages.get(stage, 0) > 0, (stage, stages)
+        assert stages.get(stage, 0) > 0, (stage, stages, feed_lines)
     assert summary["lost"] == 0, summary
+    # The featured merchant's live feed (SSE through the merchant API) saw its payments.
+    assert summary["feed_events"] > 0, summary
+    assert "live feed (SSE):" in text
     # The demo scenario's tampered terminal and its broken app (malformed + card number).
     assert summary["alerts_by_rule"].get("tamper_detected", 0) >= 1, summary["alerts_by_rule"]
     assert stages["dead-lettered"] >= 1
@@ -110,6 +114,12 @@ def test_the_main_job_runs_every_stage_restarts_a_killed_service_and_loses_nothi
             "SELECT txn_id FROM ledger_entries GROUP BY txn_id HAVING count(*) > 1"
         ).fetchall()
         assert dup == []
+        # The live feed delivered each of the featured merchant's events once, none missing.
+        [(events,)] = conn.execute(
+            "SELECT count(*) FROM cashflow_events WHERE merchant_id = %s",
+            [summary["feed_merchant"]],
+        ).fetchall()
+        assert summary["feed_events"] == events, (summary["feed_merchant"], events)
     _drop(settings, db)
 
 
