@@ -27,10 +27,12 @@ from posflow.stack import Stack, ensure_topics
 from simulator.accounting import KafkaSeen, Recorder, percentiles, reconcile
 from simulator.engine import Run
 from simulator.fleet import build_fleet
+from simulator.metrics import SimMetrics
 from simulator.procstat import ProcSample, children_of, sample
 from simulator.register import register_fleet
 from simulator.runner import Pipeline, drive
 from simulator.scenarios import Scenario, load_scenario
+from simulator.service import serve_metrics
 from simulator.transport import TransportStats
 
 __all__ = ["LoadTestOptions", "read_back", "run_loadtest"]
@@ -264,6 +266,9 @@ async def _run(  # noqa: PLR0915 - one straight sequence of steps
 
     ids = {t.index: t.terminal_id for t in fleet.terminals}
     rec = Recorder(ids)
+    # The same /metrics as `posflow simulate`, on its port if free (no error if taken).
+    metrics = SimMetrics(terminals_total=opts.terminals)
+    metrics_http = await serve_metrics(settings, metrics, lambda: True, required=False)
     run = Run(fleet, t0=t0, duration_s=opts.duration_s, telemetry_s=opts.telemetry_s,
               txn_scale=opts.txn_scale, ramp_per_s=opts.ramp_per_s, scenario=scenario)  # fmt: skip
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
@@ -284,7 +289,7 @@ async def _run(  # noqa: PLR0915 - one straight sequence of steps
 
             result = await drive(
                 settings, fleet, run, on_sent=rec, max_real=opts.max_real,
-                gateways=opts.gateways, run_id=run_id, progress=progress,
+                gateways=opts.gateways, run_id=run_id, progress=progress, metrics=metrics,
             )  # fmt: skip
         after_run = {n: sample(p) for n, p in groups.items()}
         expected = rec.total - rec.by_expect.get("dup", 0)
@@ -297,6 +302,8 @@ async def _run(  # noqa: PLR0915 - one straight sequence of steps
         died = pipeline.exited()  # any before the stop below is a failure of the run
     finally:
         pipeline.stop()
+        if metrics_http is not None:
+            await metrics_http.cleanup()
     accounting = reconcile(rec, seen)
     span_pub = max(rec.last_at - (rec.first_at or rec.last_at), 1e-9)
     span_kafka = max((seen.last_ms - (seen.first_ms or seen.last_ms)) / 1000, 1e-9)

@@ -20,6 +20,7 @@ from pathlib import Path
 from posflow.settings import Settings
 from simulator.engine import Message, Run
 from simulator.fleet import Fleet
+from simulator.metrics import SimMetrics
 from simulator.register import gateway_account
 from simulator.transport import Fanout, TransportStats
 
@@ -35,12 +36,14 @@ class DriveResult:
     unacked: int
     queued: int
     peak_connected: int
+    stopped: bool = False  # ended by ``stop`` before the run's duration
+    unsent: int = 0  # buffered for an offline terminal when stopped, never handed to MQTT
 
 
 Progress = Callable[[float, TransportStats, int, int], None]  # run time, stats, connected, queued
 
 
-async def drive(
+async def drive(  # noqa: PLR0912, PLR0915 - one paced loop, then the drain
     settings: Settings,
     fleet: Fleet,
     run: Run,
@@ -52,10 +55,26 @@ async def drive(
     run_id: str = "sim",
     progress: Progress | None = None,
     drain_s: float = 30.0,
+    metrics: SimMetrics | None = None,
+    stop: asyncio.Event | None = None,
+    stop_drain_s: float = 2.0,
 ) -> DriveResult:
-    """Publish ``run`` paced at ``speed`` x real time; then wait for acknowledgements."""
+    """Publish ``run`` paced at ``speed`` x real time; then wait for acknowledgements.
+
+    ``stop`` set: nothing more is handed to MQTT, the PUBACKs of what is in flight are
+    awaited for at most ``stop_drain_s``, and every connection ends with a clean
+    DISCONNECT, so the broker publishes no Last Will (the retained status stays
+    "online"; the health worker marks the terminals offline when they stay silent).
+    """
     m = settings.mosquitto
     user, password = gateway_account(settings, fleet.name)
+    if metrics is not None:
+        sent = on_sent
+
+        def on_sent(msg: Message) -> None:
+            metrics.on_sent(msg)
+            sent(msg)
+
     fan = Fanout(
         terminals={i: (t.terminal_id, t.terminal_id, t.password)
                    for i, t in enumerate(fleet.terminals) if i in run.states},
@@ -63,41 +82,65 @@ async def drive(
         gateway_user=user, gateway_password=password, on_sent=on_sent,
         seed=fleet.seed, run_id=run_id,
     )  # fmt: skip
-    await fan.start()
-    start = time.monotonic()
-    last_misc = start
-    peak = 0
+    if metrics is not None:
+        metrics.stats = fan.stats
+        metrics.connected = fan.terminals_connected
+        metrics.queued = fan.queued
+    # Fault starts in run time, counted per terminal hit when the run reaches them.
+    starts = sorted((s.start, s.fault.kind, len(s.terminals & run.states.keys()))
+                    for s in run.faults)  # fmt: skip
+    starts.reverse()
+    stopped = False
     try:
-        while True:
+        await fan.start(stop)  # inside the try: a stop while gateways connect still closes them
+        start = time.monotonic()
+        last_misc = start
+        peak = 0
+        while not (stopped := stop is not None and stop.is_set()):
             now = time.monotonic()
             sim = (now - start) * speed
             for msg in run.until(sim):
                 fan.send(msg)
+            while starts and starts[-1][0] <= sim:
+                _, kind, hit = starts.pop()
+                if metrics is not None:
+                    metrics.fault_started(kind, hit)
+            if metrics is not None:
+                metrics.simulated_s = min(sim, run.duration_s)
             if now - last_misc > 2.0:
                 fan.misc()
                 last_misc = now
                 connected = fan.connected()
                 peak = max(peak, connected)
+                if metrics is not None:
+                    metrics.sample_connected()
                 if progress is not None:
                     progress(min(sim, run.duration_s), fan.stats, connected, fan.queued())
             if run.done and sim >= run.duration_s:
                 break
             await asyncio.sleep(_STEP_S)
         wall = time.monotonic() - start
+        if stopped:
+            fan.halt()
+            drain_s = stop_drain_s
         deadline = time.monotonic() + drain_s
         # QoS 1: done when the broker acknowledged everything handed to it.
         while time.monotonic() < deadline and (
             fan.stats.acked + fan.stats.abandoned < fan.stats.published or fan.queued()
         ):
             fan.misc()
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.05 if stopped else 0.1)
         peak = max(peak, fan.connected())
+        if metrics is not None:
+            metrics.sample_connected()
         if progress is not None:
-            progress(run.duration_s, fan.stats, fan.connected(), fan.queued())
+            progress(min(wall * speed, run.duration_s), fan.stats, fan.connected(), fan.queued())
         unacked = fan.stats.published - fan.stats.acked - fan.stats.abandoned
-        return DriveResult(fan.stats, wall, unacked, fan.queued(), peak)
+        return DriveResult(fan.stats, wall, unacked, fan.queued(), peak, stopped, fan.unsent)
     finally:
         await fan.close()
+        if metrics is not None:
+            metrics.connected = lambda: 0
 
 
 def _free_port() -> int:
@@ -128,8 +171,17 @@ class Pipeline:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
 
-    def start(self, *, worker: bool = True, settlement: bool = False) -> None:
-        self.ports = {"ingest": _free_port(), "streams": _free_port(), "settlement": _free_port()}
+    def start(
+        self,
+        *,
+        worker: bool = True,
+        settlement: bool = False,
+        alerts: bool = False,
+        env_extra: dict[str, str] | None = None,
+    ) -> None:
+        """Start the services and wait until each is ready; ``alerts``: `posflow alerts run`
+        too (its own offsets group, this run's database), ``env_extra``: more settings."""
+        self.ports = {name: _free_port() for name in ("ingest", "streams", "settlement", "alerts")}
         env = {
             **os.environ,
             "POSFLOW_KAFKA__TOPIC_PREFIX": self.prefix,
@@ -141,6 +193,9 @@ class Pipeline:
             "POSFLOW_STREAMS__APP_ID": f"posflow-health-{self.run_id}",
             "POSFLOW_SERVICES__SETTLEMENT": str(self.ports["settlement"]),
             "POSFLOW_SETTLEMENT__GROUP": f"posflow-settlement-{self.run_id}",
+            "POSFLOW_SERVICES__ALERTS": str(self.ports["alerts"]),
+            "POSFLOW_ALERTS__GROUP": f"posflow-alerts-{self.run_id}",
+            **(env_extra or {}),
         }
         if self.database is not None:
             env["POSFLOW_POSTGRES__DATABASE"] = self.database
@@ -149,6 +204,8 @@ class Pipeline:
             commands["streams"] = ["streams", "worker"]
         if settlement:
             commands["settlement"] = ["settlement", "worker"]
+        if alerts:
+            commands["alerts"] = ["alerts", "run"]
         for name, argv in commands.items():
             with (self.log_dir / f"posflow-sim-{self.run_id}-{name}.log").open("wb") as log:
                 self.procs[name] = subprocess.Popen(
@@ -159,6 +216,8 @@ class Pipeline:
             self.wait_ready("ingest", 60)
             if settlement:
                 self.wait_ready("settlement", 60)
+            if alerts:
+                self.wait_ready("alerts", 60)
             if worker:
                 self.wait_ready("streams", 90, path="/healthz")
         except BaseException:

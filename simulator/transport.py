@@ -212,7 +212,18 @@ class Conn:
             self.client.loop_misc()
             self._after_write()
 
+    def halt(self) -> int:
+        """Hand nothing more to MQTT and stop reconnecting; returns the messages not sent."""
+        self.wanted = False
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        unsent = len(self.pending)
+        self.pending.clear()
+        return unsent
+
     async def close(self) -> None:
+        """A clean DISCONNECT: the broker discards the Last Will (MQTT 3.1.1, 3.14.4)."""
         self.wanted = False
         if self._retry is not None:
             self._retry.cancel()
@@ -249,6 +260,9 @@ class Fanout:
         self.real = set(order[:max_real])
         self.conns: dict[int, Conn] = {}
         self.gateways: list[Conn] = []
+        self._muxed_online: set[int] = set()  # multiplexed terminals announced online
+        self.halted = False
+        self.unsent = 0  # dropped from the offline buffers by halt()
         muxed = len(order) - len(self.real)
         self._gateway_spec = (gateway_user, gateway_password, run_id, gateways if muxed else 0)
 
@@ -259,7 +273,8 @@ class Fanout:
             max_inflight=max_inflight,
         )  # fmt: skip
 
-    async def start(self) -> None:
+    async def start(self, stop: asyncio.Event | None = None) -> None:
+        """Connect the gateways (if any terminal is multiplexed); returns early on ``stop``."""
         user, password, run_id, count = self._gateway_spec
         for g in range(count):
             conn = self._conn(f"posflow-gw-{run_id}-{g}", user, password, max_inflight=1000)
@@ -267,15 +282,23 @@ class Fanout:
             self.gateways.append(conn)
         deadline = time.monotonic() + 10
         while self.gateways and not all(g.ready for g in self.gateways):
+            if stop is not None and stop.is_set():
+                return
             if time.monotonic() > deadline:
                 raise ConnectionError("gateway connections not accepted within 10 s")
             await asyncio.sleep(0.05)
 
     def send(self, msg: Message) -> None:
+        if self.halted:
+            self.unsent += 1
+            return
         i = msg.terminal
         if i not in self.real:
             if msg.is_will:
                 self.stats.wills += 1
+                self._muxed_online.discard(i)
+            elif msg.will is not None:
+                self._muxed_online.add(i)
             self.gateways[i % len(self.gateways)].send(msg)
             return
         conn = self.conns.get(i)
@@ -304,6 +327,21 @@ class Fanout:
         return sum(1 for c in self.conns.values() if c.ready) + sum(
             1 for g in self.gateways if g.ready
         )
+
+    def terminals_connected(self) -> int:
+        """Terminals online now: own connections up, plus multiplexed ones on a live gateway."""
+        own = sum(1 for c in self.conns.values() if c.ready)
+        if not self.gateways:
+            return own
+        up = len(self.gateways)
+        return own + sum(1 for i in self._muxed_online if self.gateways[i % up].ready)
+
+    def halt(self) -> None:
+        """Stop: nothing more is handed to MQTT (buffered messages are dropped, counted in
+        ``unsent``), no reconnects. What paho already holds still goes out until close()."""
+        self.halted = True
+        for conn in list(self.conns.values()) + self.gateways:
+            self.unsent += conn.halt()
 
     def queued(self) -> int:
         return sum(len(c.pending) for c in self.conns.values()) + sum(

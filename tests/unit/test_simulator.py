@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import socket
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 
+from posflow.cli import main as cli_main
 from posflow.contracts import Accepted, Rejected, validate_message
 from posflow.contracts.money import FeePlan, SettlementRule
 from posflow.errors import PosflowError
+from posflow.settings import ServicePorts, Settings
 from simulator.accounting import KafkaSeen, Recorder, parse_deadletter, reconcile
 from simulator.behaviour import DECLINE_CODES
 from simulator.engine import Message, Run
 from simulator.fleet import CATEGORIES, build_fleet
+from simulator.metrics import SimMetrics
 from simulator.scenarios import Fault, Scenario, Target, load_scenario
+from simulator.service import serve_metrics
+from simulator.transport import Fanout
 
 T0 = 1_790_000_000.0  # 2026-09-21T13:33:20Z
 RECEIVED = datetime(2026, 9, 21, 14, tzinfo=UTC)
@@ -316,3 +324,105 @@ def test_the_acl_lets_a_gateway_publish_for_every_terminal_and_read_nothing() ->
     assert "user posflow-gw-lt\ntopic write pos/v1/+/+/+\n" in acl
     assert "pattern write pos/v1/+/%u/telemetry" in acl  # terminals still only their own
     assert render_acl("posflow-svc").count("user ") == 1  # no gateway: as before
+
+
+def _samples(metrics: SimMetrics) -> dict[str, float]:
+    out = {}
+    for line in generate_latest(metrics.registry).decode().splitlines():
+        if line.startswith("posflow_sim_"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def test_metrics_count_what_was_handed_to_mqtt_and_the_summary_says_the_same() -> None:
+    plan = Scenario(name="m", faults=[
+        Fault(kind="malformed_messages", at_s=0, target=Target(indexes=[1])),
+        Fault(kind="card_number", at_s=0, target=Target(indexes=[2])),
+        Fault(kind="terminal_offline", at_s=60, duration_s=120, target=Target(indexes=[3, 4])),
+    ])  # fmt: skip
+    fleet = build_fleet(10, seed=3, name="mx", at=T0)
+    messages = Run(fleet, t0=T0, duration_s=600, telemetry_s=10, txn_scale=5, scenario=plan,
+                   always_open=True).all()  # fmt: skip
+    metrics = SimMetrics(terminals_total=10)
+    for m in messages:
+        metrics.on_sent(m)
+    metrics.fault_started("terminal_offline", 2)
+    kinds = Counter(m.kind for m in messages)
+    dead = sum(1 for m in messages if m.expect.startswith("dl:"))
+    wills = sum(1 for m in messages if m.is_will)
+    assert dead > 0
+    assert wills == 2  # 3 and 4 each drop once (and come back)
+    got = _samples(metrics)
+    for kind in ("telemetry", "txn", "status"):
+        assert got[f'posflow_sim_published_total{{kind="{kind}"}}'] == kinds[kind] > 0
+    assert got["posflow_sim_expected_dead_letters_total"] == dead
+    assert got["posflow_sim_wills_total"] == wills
+    assert got['posflow_sim_faults_started_total{kind="terminal_offline"}'] == 2
+    assert got["posflow_sim_terminals_total"] == 10
+    assert got["posflow_sim_terminals_connected"] == 0  # no transport bound
+    line = metrics.summary()
+    assert line.startswith(
+        f"published {len(messages):,} (telemetry {kinds['telemetry']:,}, txn {kinds['txn']:,}, "
+        f"status {kinds['status']:,}), acknowledged 0, expected dead letters {dead:,}, "
+        f"faults started 2 (terminal_offline 2), wills {wills}; terminals 10,"
+    ), line
+
+
+def test_a_run_without_an_end_keeps_going_and_its_faults_never_stop() -> None:
+    plan = Scenario(name="f", faults=[
+        Fault(kind="printer_out_of_paper", at_s=5, target=Target(indexes=[0])),
+    ])  # fmt: skip
+    fleet = build_fleet(3, seed=1, name="inf", at=T0)
+    run = Run(fleet, t0=T0, duration_s=math.inf, telemetry_s=30, scenario=plan)
+    first = run.until(3600)
+    later = run.until(7 * 86400)
+    assert not run.done
+    assert max(m.at for m in first) < 3600 <= min(m.at for m in later)
+    assert max(m.at for m in later) > 7 * 86400 - 60
+    papers = {_payload(m)["printer"]["paper"] for m in later if m.kind == "telemetry"
+              and m.terminal == 0}  # fmt: skip
+    assert papers == {"out"}
+
+
+async def test_a_halted_fanout_hands_nothing_more_to_mqtt() -> None:
+    fleet = build_fleet(3, seed=1, name="h", at=T0)
+    fan = Fanout(
+        terminals={t.index: (t.terminal_id, t.terminal_id, t.password) for t in fleet.terminals},
+        host="127.0.0.1", port=1, max_real=3, gateways=0, gateway_user="gw",
+        gateway_password="x", on_sent=lambda _m: None, seed=1, run_id="h",
+    )  # fmt: skip
+    telemetry = [m for m in Run(fleet, t0=T0, duration_s=300, telemetry_s=10).all()
+                 if m.kind == "telemetry"]  # fmt: skip
+    for m in telemetry[:5]:
+        fan.send(m)  # no connection yet: the terminals' offline buffers
+    assert fan.queued() == 5
+    fan.halt()
+    assert (fan.queued(), fan.unsent) == (0, 5)
+    fan.send(telemetry[5])
+    assert (fan.queued(), fan.unsent, fan.stats.published) == (0, 6, 0)
+    assert fan.terminals_connected() == 0
+    await fan.close()
+
+
+@pytest.mark.parametrize("endless", [["--forever"], ["--duration", "0"]])
+def test_offline_generation_of_an_endless_run_is_refused(
+    endless: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "m.jsonl"
+    assert cli_main(["simulate", "-n", "2", *endless, "--offline", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "--offline writes a whole run: it needs a finite --duration" in err
+    assert not out.exists()
+
+
+async def test_a_busy_metrics_port_stops_simulate_but_not_the_load_test() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = Settings(services=ServicePorts(simulator=port))
+        metrics = SimMetrics(terminals_total=1)
+        assert await serve_metrics(settings, metrics, lambda: True, required=False) is None
+        with pytest.raises(PosflowError, match=rf"simulator's metrics on 127\.0\.0\.1:{port}"):
+            await serve_metrics(settings, metrics, lambda: True, required=True)
