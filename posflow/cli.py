@@ -182,6 +182,16 @@ def demo(  # noqa: PLR0917 - typer options
         str, typer.Option(help="fault scenario: a shipped name or a .yaml path")
     ] = "demo",
     fleet: Annotated[str, typer.Option(help="fleet name: prefix of every id")] = "demo",
+    txn_scale: Annotated[
+        float, typer.Option(min=0, help="x the realistic payment rates of the fleet")
+    ] = 1.0,
+    always_open: Annotated[
+        bool,
+        typer.Option(
+            "--always-open/--opening-hours",
+            help="every shop at its peak hour (else payments follow each shop's local hours)",
+        ),
+    ] = False,
     summary_json: Annotated[
         Path | None, typer.Option(help="also write the summary as JSON here")
     ] = None,
@@ -193,7 +203,13 @@ def demo(  # noqa: PLR0917 - typer options
     from posflow.mainjob import MainJobOptions, run_main
 
     options = MainJobOptions(
-        terminals=terminals, scenario=scenario, duration_s=duration, fleet_id=fleet, log_dir=log_dir
+        terminals=terminals,
+        scenario=scenario,
+        duration_s=duration,
+        fleet_id=fleet,
+        log_dir=log_dir,
+        txn_scale=txn_scale,
+        always_open=always_open,
     )
     summary = run_main(_settings(), options, _out)
     if summary_json is not None:

@@ -47,6 +47,8 @@ class MainJobOptions:
     drain_s: float = 20.0
     refresh_s: float = 1.0
     fleet_id: str = "demo"
+    txn_scale: float = 1.0  # x the realistic payment rates
+    always_open: bool = False  # every shop at its peak hour, whatever the local time
     log_dir: Path | None = None  # default: <stack dir>/logs/mainjob
 
 
@@ -107,6 +109,9 @@ def service_specs(settings: Settings, options: MainJobOptions) -> list[ServiceSp
         "--scenario",
         options.scenario,
         "--no-register",  # registered once by the main job before the services start
+        "--txn-scale",
+        f"{options.txn_scale:g}",
+        "--always-open" if options.always_open else "--opening-hours",
         "--duration",
         # The main job stops the simulator itself when its own duration ends.
         f"{(options.duration_s or 7 * 24 * 3600) + 60:g}",

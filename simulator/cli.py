@@ -49,12 +49,29 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one nested function p
     def simulate(  # noqa: PLR0917 - typer options
         terminals: Terminals = 100,
         fleet: FleetName = "sim",
-        duration: Annotated[float, typer.Option("--duration", "-d", help="run seconds")] = 300,
+        duration: Annotated[
+            float, typer.Option("--duration", "-d", min=0, help="run seconds; 0: until stopped")
+        ] = 300,
+        forever: Annotated[
+            bool, typer.Option("--forever", help="run until SIGTERM / Ctrl-C (as --duration 0)")
+        ] = False,
         scenario: Annotated[
             str | None, typer.Option(help="fault scenario: a shipped name or a .yaml path")
         ] = None,
-        speed: Annotated[float, typer.Option(help="simulated seconds per wall second")] = 1.0,
+        speed: Annotated[
+            float, typer.Option(min=0.001, help="simulated seconds per wall second")
+        ] = 1.0,
         telemetry_s: Annotated[int, typer.Option(help="telemetry (heartbeat) interval")] = 30,
+        txn_scale: Annotated[
+            float, typer.Option(min=0, help="x the realistic payment rates")
+        ] = 1.0,
+        always_open: Annotated[
+            bool,
+            typer.Option(
+                "--always-open/--opening-hours",
+                help="every shop at its peak hour (else payments follow local opening hours)",
+            ),
+        ] = False,
         ramp: Annotated[
             float | None, typer.Option(help="terminals coming online per second")
         ] = None,
@@ -68,24 +85,37 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one nested function p
             float | None, typer.Option("--t0", help="start, epoch seconds (default: now)")
         ] = None,
     ) -> None:
-        """Run a fleet against the running pipeline (or write its messages with --offline)."""
+        """Run a fleet against the running pipeline (or write its messages with --offline).
+
+        Serves /metrics, /healthz, /readyz on services.simulator (9405) while it runs;
+        SIGTERM / Ctrl-C stops it cleanly (no Last Wills) with exit status 0.
+        """
         import asyncio
         import json
+        import math
         import time
 
         from posflow.cli import _out, _settings
+        from posflow.errors import PosflowError
+        from posflow.logs import configure_logging
         from simulator.engine import Run
         from simulator.fleet import build_fleet
-        from simulator.register import register_fleet
-        from simulator.runner import drive
         from simulator.scenarios import load_scenario
+        from simulator.service import SimulateOptions, build
 
         settings = _settings()
+        endless = forever or duration == 0
+        if endless and offline is not None:
+            raise PosflowError(
+                "--offline writes a whole run: it needs a finite --duration",
+                fix="give --duration SECONDS (not 0, not --forever)",
+            )
         t0 = time.time() if start is None else start  # fixed: the same bytes every time
         built = build_fleet(terminals, seed=settings.simulator.seed, name=fleet, at=t0)
         plan = load_scenario(scenario) if scenario else None
-        run = Run(built, t0=t0, duration_s=duration, telemetry_s=telemetry_s,
-                  ramp_per_s=ramp, scenario=plan)  # fmt: skip
+        run = Run(built, t0=t0, duration_s=math.inf if endless else duration,
+                  telemetry_s=telemetry_s, txn_scale=txn_scale, ramp_per_s=ramp,
+                  scenario=plan, always_open=always_open)  # fmt: skip
         if offline is not None:
             with offline.open("w") as out:
                 for m in run.all():
@@ -93,32 +123,14 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one nested function p
                                           "payload": m.payload.decode()}) + "\n")  # fmt: skip
             _out.print(f"messages written to {offline}")
             return
-        if register_first:
-            register_fleet(settings, built)
-        counts = {"sent": 0}
-
-        def sent(_m: object) -> None:
-            counts["sent"] += 1
-
-        result = asyncio.run(
-            drive(
-                settings,
-                built,
-                run,
-                on_sent=sent,
-                max_real=max_real,
-                gateways=gateways,
-                speed=speed,
-            )
+        configure_logging()
+        options = SimulateOptions(
+            speed=speed, max_real=max_real, gateways=gateways, register=register_first
         )
-        st = result.stats
-        _out.print(
-            f"{counts['sent']:,} messages published, {st.acked:,} acknowledged, "
-            f"{st.wills} wills, peak {result.peak_connected:,} connections; "
-            f"{st.connects:,} connects, {st.connect_failures:,} failed, "
-            f"{st.reconnects:,} reconnect attempts, {result.queued:,} messages still queued; "
-            f"errors {st.errors or 'none'}"
-        )
+        sim = build(settings, built, run, options)
+        asyncio.run(sim.run_until_done())
+        # One line, never wrapped: the main job and the tests read it.
+        _out.print(sim.summary(), soft_wrap=True, markup=False, highlight=False)
 
     @app.command("loadtest")
     def loadtest(  # noqa: PLR0917 - typer options

@@ -63,6 +63,8 @@ def test_the_main_job_runs_every_stage_restarts_a_killed_service_and_loses_nothi
             sys.executable, "-m", "posflow.cli", "demo", "--duration", str(DURATION_S),
             "--terminals", str(TERMINALS), "--fleet", run, "--log-dir", str(log_dir),
             "--summary-json", str(summary_file),
+            # Payments whatever the hour of the run (the featured merchant must get some).
+            "--txn-scale", "10", "--always-open",
         ],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
