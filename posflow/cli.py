@@ -125,7 +125,9 @@ def _connect() -> psycopg.Connection[tuple[Any, ...]]:
 
     settings = _settings()
     try:
-        return psycopg.connect(settings.postgres.dsn(), autocommit=True)
+        from posflow.security.tls import postgres_dsn
+
+        return psycopg.connect(postgres_dsn(settings), autocommit=True)
     except psycopg.OperationalError as exc:
         pg = settings.postgres
         raise PosflowError(
@@ -182,6 +184,9 @@ def demo(  # noqa: PLR0917 - typer options
         str, typer.Option(help="fault scenario: a shipped name or a .yaml path")
     ] = "demo",
     fleet: Annotated[str, typer.Option(help="fleet name: prefix of every id")] = "demo",
+    merchants: Annotated[
+        int | None, typer.Option(min=1, help="merchants sharing the terminals (default: n/10)")
+    ] = None,
     txn_scale: Annotated[
         float, typer.Option(min=0, help="x the realistic payment rates of the fleet")
     ] = 1.0,
@@ -207,6 +212,7 @@ def demo(  # noqa: PLR0917 - typer options
         scenario=scenario,
         duration_s=duration,
         fleet_id=fleet,
+        merchants=merchants,
         log_dir=log_dir,
         txn_scale=txn_scale,
         always_open=always_open,

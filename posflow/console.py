@@ -45,7 +45,8 @@ class Snapshot:
     offline: int = 0
     health_buckets: dict[str, int] = field(default_factory=dict)
     open_alerts: list[tuple[str, str, str, str]] = field(default_factory=list)
-    alerts_by_rule: dict[str, int] = field(default_factory=dict)
+    alerts_by_rule: dict[str, int] = field(default_factory=dict)  # fired (firing or later)
+    alerts_pending: dict[str, int] = field(default_factory=dict)  # waiting out their `for`
     balance: list[tuple[str, int, int, int, int]] = field(default_factory=list)
     db_error: str | None = None
 
@@ -133,6 +134,19 @@ class Watcher:
         self.previous = snap
         return snap
 
+    def stored_rows(self) -> dict[str, int]:
+        """The fleet's raw rows in the database: telemetry readings and payments."""
+        terminals = f"T-{self.fleet}-%" if self.fleet else "%"
+        with psycopg.connect(self.dsn, connect_timeout=3) as conn:
+            out = {}
+            for table in ("telemetry", "transactions"):
+                row = conn.execute(
+                    f"SELECT count(*) FROM {table} WHERE terminal_id LIKE %s",  # noqa: S608 - fixed names
+                    [terminals],
+                ).fetchone()
+                out[table] = int(row[0]) if row else 0
+            return out
+
     def _query(self, snap: Snapshot) -> None:
         with psycopg.connect(self.dsn, connect_timeout=3) as conn:
             terminals = f"T-{self.fleet}-%" if self.fleet else "%"
@@ -162,12 +176,13 @@ class Watcher:
                 [self.fleet is None, terminals, f"M-{self.fleet}-%"],
             ).fetchall()
             snap.open_alerts = [(str(a), str(r), str(s), str(st)) for a, r, s, st in rows]
-            for rule, n in conn.execute(
-                "SELECT rule, count(*) FROM alerts"
-                " WHERE %s OR subject_id LIKE %s OR merchant_id LIKE %s GROUP BY rule",
+            for rule, fired, n in conn.execute(
+                "SELECT rule, fired_at IS NOT NULL, count(*) FROM alerts"
+                " WHERE %s OR subject_id LIKE %s OR merchant_id LIKE %s GROUP BY 1, 2",
                 [self.fleet is None, terminals, f"M-{self.fleet}-%"],
             ):
-                snap.alerts_by_rule[str(rule)] = int(n)
+                into = snap.alerts_by_rule if fired else snap.alerts_pending
+                into[str(rule)] = int(n)
             if self.merchant_id is None and self.fleet is not None:
                 # The fleet's busiest merchant so far: its balance is the one that moves.
                 found = conn.execute(

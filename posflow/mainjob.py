@@ -47,9 +47,14 @@ class MainJobOptions:
     drain_s: float = 20.0
     refresh_s: float = 1.0
     fleet_id: str = "demo"
+    merchants: int | None = None  # default: one per ten terminals
     txn_scale: float = 1.0  # x the realistic payment rates
     always_open: bool = False  # every shop at its peak hour, whatever the local time
     log_dir: Path | None = None  # default: <stack dir>/logs/mainjob
+
+    @property
+    def merchant_count(self) -> int:
+        return self.merchants or max(1, self.terminals // 10)
 
 
 @dataclass
@@ -63,7 +68,12 @@ class Summary:
     events: list[str] = field(default_factory=list)
     published: float = 0.0
     reached_kafka: float = 0.0
-    lost: float = 0.0
+    lost: float = 0.0  # readings and payments published, neither stored nor dead-lettered
+    lost_before_kafka: float = 0.0  # from the counters: MQTT -> bridge -> Kafka
+    expected_rows: int = 0  # telemetry + payments published, less expected dead letters
+    stored_rows: int = 0  # the fleet's rows in the telemetry and transactions tables
+    expected_dead_letters: int = 0
+    alerts_pending: dict[str, int] = field(default_factory=dict)
     feed_events: int = 0
     feed_merchant: str = ""
 
@@ -97,7 +107,7 @@ def stages_for(settings: Settings) -> list[Stage]:
     ]
 
 
-def service_specs(settings: Settings, options: MainJobOptions) -> list[ServiceSpec]:
+def service_specs(settings: Settings, options: MainJobOptions, log_dir: Path) -> list[ServiceSpec]:
     """Each service as an operator runs it alone; all configured by the same settings."""
     s = settings.services
     sim_args = [
@@ -106,6 +116,10 @@ def service_specs(settings: Settings, options: MainJobOptions) -> list[ServiceSp
         options.fleet_id,
         "--terminals",
         str(options.terminals),
+        "--merchants",
+        str(options.merchant_count),
+        "--summary-json",
+        str(sim_counts_path(log_dir)),
         "--scenario",
         options.scenario,
         "--no-register",  # registered once by the main job before the services start
@@ -126,6 +140,21 @@ def service_specs(settings: Settings, options: MainJobOptions) -> list[ServiceSp
         ServiceSpec("webhooks", ["api", "webhooks", "deliver"], None),
         ServiceSpec("simulate", sim_args, s.simulator, restart=options.duration_s is None),
     ]
+
+
+def _grafana_up(url: str) -> bool:
+    """Grafana answers its health endpoint (the console shows its address only then)."""
+    import httpx
+
+    try:
+        return httpx.get(f"{url.rstrip('/')}/api/health", timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def sim_counts_path(log_dir: Path) -> Path:
+    """Where the simulator writes its final counts (read for the loss check)."""
+    return log_dir / "simulate.counts.json"
 
 
 def _cli(args: Sequence[str], what: str) -> str:
@@ -169,6 +198,8 @@ def _prepare(settings: Settings, options: MainJobOptions, say: Callable[[str], N
                 options.fleet_id,
                 "--terminals",
                 str(options.terminals),
+                "--merchants",
+                str(options.merchant_count),
             ],
             "registering the fleet",
         ).strip()
@@ -240,7 +271,9 @@ def run_main(settings: Settings, options: MainJobOptions, console: Console) -> S
         stamp = time.strftime("%H:%M:%S")
         events.append(f"{stamp} {text}")
 
-    sup = Supervisor(service_specs(settings, options), log_dir=log_dir, on_event=event)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    sim_counts_path(log_dir).unlink(missing_ok=True)
+    sup = Supervisor(service_specs(settings, options, log_dir), log_dir=log_dir, on_event=event)
     watcher = Watcher(stages, settings.postgres.dsn(), feed.merchant_id, fleet=options.fleet_id)
     host = settings.services.bind_host
     addresses = {
@@ -248,6 +281,10 @@ def run_main(settings: Settings, options: MainJobOptions, console: Console) -> S
         "Prometheus": f"http://{settings.prometheus.host}:{settings.prometheus.port}",
         "logs": str(log_dir),
     }
+    if _grafana_up(settings.grafana.url):
+        addresses["Grafana"] = (
+            f"{settings.grafana.url.rstrip('/')}/dashboards/f/{settings.grafana.folder_uid}"
+        )
     stop_requested = False
 
     def on_signal(_signum: int, _frame: FrameType | None) -> None:
@@ -288,7 +325,13 @@ def run_main(settings: Settings, options: MainJobOptions, console: Console) -> S
     finally:
         signal.signal(signal.SIGTERM, previous)
         summary = _finish(
-            sup, watcher=watcher, options=options, events=events, started=started, console=console
+            sup,
+            watcher=watcher,
+            options=options,
+            events=events,
+            started=started,
+            console=console,
+            log_dir=log_dir,
         )
         feed.stop()
         summary.feed_events, summary.feed_merchant = feed.events, feed.merchant_id
@@ -334,6 +377,7 @@ def _finish(
     events: list[str],
     started: float,
     console: Console,
+    log_dir: Path,
 ) -> Summary:
     # The simulator first, so the pipeline can drain what it already published.
     sim = sup.services["simulate"]
@@ -343,6 +387,8 @@ def _finish(
             sim.proc.wait(timeout=15)
     console.print("draining the pipeline ...", highlight=False)
     snap = _drain(watcher, options.drain_s)
+    counts = _sim_counts(log_dir)
+    expected, stored = _stored(watcher, counts, options.drain_s)
     sup.stop()
     published = snap.stage_totals.get("published (MQTT)", 0.0)
     received = snap.stage_totals.get("received from MQTT", 0.0)
@@ -351,7 +397,10 @@ def _finish(
     # received is one Kafka record: its topic's or a dead letter). The broker may also hand
     # the bridge retained status messages of earlier runs, so "received" can exceed
     # "published": that is not negative loss.
-    lost = max(0.0, published - received) + max(0.0, received - to_kafka)
+    lost_before_kafka = max(0.0, published - received) + max(0.0, received - to_kafka)
+    if counts is not None:
+        sent = counts["published"]
+        published = float(sum(sent.values()))
     summary = Summary(
         seconds=round(time.monotonic() - started, 1),
         stages={st.name: snap.stage_totals.get(st.name, 0.0) for st in watcher.stages},
@@ -362,10 +411,53 @@ def _finish(
         events=list(events),
         published=published,
         reached_kafka=to_kafka,
-        lost=lost,
+        # End to end: what the terminals sent against what the database holds. Without
+        # the simulator's final counts (it crashed), the counters' view up to Kafka.
+        lost=float(max(0, expected - stored)) if counts is not None else lost_before_kafka,
+        lost_before_kafka=lost_before_kafka,
+        expected_rows=expected,
+        stored_rows=stored,
+        expected_dead_letters=int(counts["expected_dead_letters"]) if counts else 0,
+        alerts_pending=dict(snap.alerts_pending),
     )
     _print_summary(summary, console)
     return summary
+
+
+def _sim_counts(log_dir: Path) -> dict[str, Any] | None:
+    """The simulator's final counts, or None when it did not finish cleanly."""
+    try:
+        data: dict[str, Any] = json.loads(sim_counts_path(log_dir).read_text())
+    except (OSError, ValueError):
+        return None
+    return data
+
+
+def _stored(watcher: Watcher, counts: dict[str, Any] | None, drain_s: float) -> tuple[int, int]:
+    """(rows expected, rows stored) for the fleet's telemetry and payments, once the raw
+    sink has caught up (or has stopped moving, or ``drain_s`` has passed)."""
+    import psycopg
+
+    if counts is None:
+        return 0, 0
+    sent = counts["published"]
+    expected = (
+        int(sent.get("telemetry", 0))
+        + int(sent.get("txn", 0))
+        - int(counts["expected_dead_letters"])
+        - int(counts["duplicates"])
+    )
+    deadline = time.monotonic() + drain_s
+    stored, before = 0, -1
+    while True:
+        try:
+            stored = sum(watcher.stored_rows().values())
+        except psycopg.Error:
+            stored = before
+        if stored >= expected or time.monotonic() > deadline or stored == before:
+            return expected, max(stored, 0)
+        before = stored
+        time.sleep(2.0)
 
 
 def _drain(watcher: Watcher, drain_s: float) -> Snapshot:
@@ -389,7 +481,10 @@ def _print_summary(summary: Summary, console: Console) -> None:
         table.add_row(name, f"{value:,.0f}")
     console.print(table)
     alerts = ", ".join(f"{rule} {n}" for rule, n in sorted(summary.alerts_by_rule.items()))
-    console.print(f"alerts raised: {alerts or 'none'}", highlight=False)
+    console.print(f"alerts fired: {alerts or 'none'}", highlight=False)
+    if summary.alerts_pending:
+        pending = ", ".join(f"{r} {n}" for r, n in sorted(summary.alerts_pending.items()))
+        console.print(f"alerts pending (within their `for`): {pending}", highlight=False)
     console.print(
         f"terminals online {summary.online:,}, offline {summary.offline:,}", highlight=False
     )
@@ -397,6 +492,8 @@ def _print_summary(summary: Summary, console: Console) -> None:
     console.print(f"service restarts: {restarts or 'none'}", highlight=False)
     console.print(
         f"published {summary.published:,.0f}, reached Kafka (incl. dead letters)"
-        f" {summary.reached_kafka:,.0f}, lost {summary.lost:,.0f}",
+        f" {summary.reached_kafka:,.0f}; readings and payments expected in the database"
+        f" {summary.expected_rows:,} (after {summary.expected_dead_letters:,} expected dead"
+        f" letters), stored {summary.stored_rows:,}; lost {summary.lost:,.0f}",
         highlight=False,
     )

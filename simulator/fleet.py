@@ -146,20 +146,54 @@ def _hours(category: str) -> dict[str, list[list[str]]]:
     return {d: [[start, end]] for d in days}
 
 
-def build_fleet(terminals: int, *, seed: int, name: str = "sim", at: float = 0.0) -> Fleet:
+def _split(terminals: int, merchants: int, rng: random.Random) -> list[int]:
+    """``terminals`` shared by exactly ``merchants`` merchants, at least one each, in the
+    same small/medium/large mix as an unconstrained fleet (largest remainder)."""
+    if not 1 <= merchants <= terminals:
+        raise ValueError(f"merchants must be 1 to {terminals} (the terminals), not {merchants}")
+    weights = []
+    for _ in range(merchants):
+        low, high = _SIZES[rng.choices(list(_SIZES), weights=(6, 3, 1))[0]]
+        weights.append(rng.randint(low, high))
+    spare = terminals - merchants  # one each first, the rest by weight
+    total = sum(weights)
+    shares = [spare * w / total for w in weights]
+    counts = [1 + int(x) for x in shares]
+    by_remainder = sorted(range(merchants), key=lambda i: (int(shares[i]) - shares[i], i))
+    for i in by_remainder[: terminals - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def _size_of(count: int) -> str:
+    return "small" if count <= 2 else "medium" if count <= 4 else "large"
+
+
+def build_fleet(
+    terminals: int, *, seed: int, name: str = "sim", at: float = 0.0, merchants: int | None = None
+) -> Fleet:
     """A fleet of ``terminals`` terminals; ``name`` prefixes every id (``M-name-00001``).
 
     ``at`` (epoch seconds) fixes the UTC offsets of the merchants' time zones.
+    ``merchants`` shares the terminals among exactly that many merchants (default: each
+    merchant's size drawn from the realistic mix, about 2.4 terminals a merchant).
     """
     rng = random.Random(f"{seed}:fleet:{name}")
+    counts = (
+        _split(terminals, merchants, random.Random(f"{seed}:sizes:{name}"))
+        if merchants is not None
+        else None
+    )
     ref = datetime.fromtimestamp(at or 1_790_000_000, ZoneInfo("UTC"))
-    merchants: list[Merchant] = []
+    made: list[Merchant] = []
     fleet: list[Terminal] = []
     while len(fleet) < terminals:
-        m = len(merchants) + 1
+        m = len(made) + 1
         category = rng.choice(list(CATEGORIES))
         city = rng.choice(CITIES)
         size = rng.choices(list(_SIZES), weights=(6, 3, 1))[0]
+        if counts is not None:
+            size = _size_of(counts[m - 1])
         lat = round(city.lat + rng.uniform(-0.08, 0.08), 5)
         lon = round(city.lon + rng.uniform(-0.1, 0.1), 5)
         offset = ZoneInfo(city.timezone).utcoffset(ref)
@@ -187,9 +221,10 @@ def build_fleet(terminals: int, *, seed: int, name: str = "sim", at: float = 0.0
             ).model_dump(mode="json", exclude_none=True),
             utc_offset_s=int(offset.total_seconds()) if offset is not None else 0,
         )
-        merchants.append(merchant)
+        made.append(merchant)
         low, high = _SIZES[size]
-        for _ in range(min(rng.randint(low, high), terminals - len(fleet))):
+        count = counts[m - 1] if counts is not None else rng.randint(low, high)
+        for _ in range(min(count, terminals - len(fleet))):
             i = len(fleet)
             terminal_id = f"T-{name}-{i + 1:06d}"
             model = rng.choices(_MODELS, weights=(5, 3, 2))[0]
@@ -210,4 +245,4 @@ def build_fleet(terminals: int, *, seed: int, name: str = "sim", at: float = 0.0
                     password=_password(seed, name, terminal_id),
                 )
             )
-    return Fleet(name=name, seed=seed, merchants=merchants, terminals=fleet)
+    return Fleet(name=name, seed=seed, merchants=made, terminals=fleet)

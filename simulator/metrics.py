@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from simulator.engine import Message
+from simulator.engine import EXPECT_DUPLICATE, Message
 from simulator.transport import TransportStats
 
 __all__ = ["KINDS", "SimMetrics"]
@@ -42,6 +42,7 @@ class SimMetrics:
     terminals_total: int
     published: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(KINDS, 0)))
     expected_dead_letters: int = 0
+    duplicates: int = 0  # sent twice on purpose (a duplicate_messages fault)
     wills: int = 0
     faults_started: Counter[str] = field(default_factory=Counter)
     simulated_s: float = 0.0
@@ -62,6 +63,8 @@ class SimMetrics:
             self.wills += 1
         if msg.expect.startswith("dl:"):
             self.expected_dead_letters += 1
+        elif msg.expect == EXPECT_DUPLICATE:
+            self.duplicates += 1
 
     def fault_started(self, kind: str, terminals: int) -> None:
         self.faults_started[kind] += terminals
@@ -70,6 +73,20 @@ class SimMetrics:
         now = self.connected()
         self.peak_connected = max(self.peak_connected, now)
         return now
+
+    def counts(self) -> dict[str, object]:
+        """The run's final counts (``posflow simulate --summary-json``; the main job reads it)."""
+        return {
+            "published": dict(self.published),
+            "acknowledged": self.stats.acked,
+            "expected_dead_letters": self.expected_dead_letters,
+            "duplicates": self.duplicates,
+            "wills": self.wills,
+            "faults_started": dict(self.faults_started),
+            "terminals": self.terminals_total,
+            "peak_connected": self.peak_connected,
+            "simulated_s": self.simulated_s,
+        }
 
     @property
     def published_total(self) -> int:

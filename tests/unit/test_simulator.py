@@ -426,3 +426,48 @@ async def test_a_busy_metrics_port_stops_simulate_but_not_the_load_test() -> Non
         assert await serve_metrics(settings, metrics, lambda: True, required=False) is None
         with pytest.raises(PosflowError, match=rf"simulator's metrics on 127\.0\.0\.1:{port}"):
             await serve_metrics(settings, metrics, lambda: True, required=True)
+
+
+@pytest.mark.parametrize(("terminals", "merchants"), [(2000, 200), (40, 4), (7, 7), (5, 1)])
+def test_a_fleet_with_a_merchant_count_has_exactly_that_many_each_with_a_terminal(
+    terminals: int, merchants: int
+) -> None:
+    fleet = build_fleet(terminals, seed=42, name="mc", at=T0, merchants=merchants)
+    per = Counter(t.merchant.merchant_id for t in fleet.terminals)
+    assert len(fleet.terminals) == terminals
+    assert len(fleet.merchants) == len(per) == merchants
+    assert min(per.values()) >= 1
+    again = build_fleet(terminals, seed=42, name="mc", at=T0, merchants=merchants)
+    assert [t.terminal_id for t in again.terminals] == [t.terminal_id for t in fleet.terminals]
+    assert [t.merchant.merchant_id for t in again.terminals] == [
+        t.merchant.merchant_id for t in fleet.terminals
+    ]
+    if 1 < merchants < terminals:  # the realistic mix: some merchants bigger than others
+        assert max(per.values()) > min(per.values())
+
+
+def test_more_merchants_than_terminals_is_refused_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli_main(["fleet", "register", "-n", "3", "--merchants", "4", "--no-mqtt"]) == 1
+    err = capsys.readouterr().err
+    assert "--merchants 4 is more than the 3 terminals" in err
+    with pytest.raises(ValueError, match="merchants must be 1 to 3"):
+        build_fleet(3, seed=1, merchants=4)
+
+
+def test_the_counts_file_says_what_the_metrics_say() -> None:
+    fleet = build_fleet(4, seed=2, name="cj", at=T0)
+    plan = Scenario(name="d", faults=[
+        Fault(kind="duplicate_messages", at_s=0, target=Target(indexes=[0]),
+              params={"probability": 1.0}),
+    ])  # fmt: skip
+    messages = Run(fleet, t0=T0, duration_s=120, telemetry_s=10, scenario=plan).all()
+    metrics = SimMetrics(terminals_total=4)
+    for m in messages:
+        metrics.on_sent(m)
+    counts = json.loads(json.dumps(metrics.counts()))
+    kinds = Counter(m.kind for m in messages)
+    assert counts["published"] == {k: kinds[k] for k in ("telemetry", "txn", "status")}
+    assert counts["duplicates"] == sum(1 for m in messages if m.expect == "dup") > 0
+    assert counts["terminals"] == 4
