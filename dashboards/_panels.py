@@ -18,6 +18,7 @@ __all__ = [
     "reduce_last",
     "sql_variable",
     "steps",
+    "value_colours",
 ]
 
 TAGS = ["posflow"]
@@ -40,6 +41,17 @@ def health_thresholds() -> db.ThresholdsConfig:
 def fixed_colour(colour: str) -> list[model.DynamicConfigValue]:
     """Override properties: one fixed colour for a field."""
     return [model.DynamicConfigValue(id_val="color", value={"mode": "fixed", "fixedColor": colour})]
+
+
+def value_colours(colours: dict[str, str]) -> list[model.DynamicConfigValue]:
+    """Override properties: a colour per text value (state timelines)."""
+    options = {
+        value: {"color": colour, "index": i, "text": value}
+        for i, (value, colour) in enumerate(colours.items())
+    }
+    return [
+        model.DynamicConfigValue(id_val="mappings", value=[{"type": "value", "options": options}])
+    ]
 
 
 def reduce_last(*, values: bool = False) -> common_builders.ReduceDataOptions:

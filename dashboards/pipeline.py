@@ -206,9 +206,111 @@ def build() -> db.Dashboard:
             )
         )
     )
-    for section in (_settlement, _alerts, _api, _lag):
+    for section in (_rawsink, _settlement, _alerts, _api, _webhooks, _lag):
         dash = section(dash)
     return dash
+
+
+def _rawsink(dash: db.Dashboard) -> db.Dashboard:
+    m = "posflow_rawsink"
+    return (
+        dash.with_row(db.Row("Raw storage sink (posflow streams sink)"))
+        .with_panel(
+            _series(
+                "Rows stored by table; replays; dead letters; failed batch writes",
+                _rates(f"{m}_rows_total", "table", "stored {{table}}", "A"),
+                _rates(f"{m}_replayed_total", "table", "replayed {{table}}", "B"),
+                _rates(f"{m}_dead_letters_total", "reason", "dead letter {{reason}}", "C"),
+                _rates(f"{m}_db_errors_total", "", "failed batch writes (retried)", "D"),
+                unit="reqps",
+            )
+        )
+        .with_panel(
+            _series(
+                "Writer batch size (Kafka records per batch)",
+                *[
+                    prom(
+                        f"histogram_quantile({q}, sum by (le)"
+                        f" (rate({m}_batch_records_bucket[{RATE}])))",
+                        f"p{round(q * 100)}",
+                        ref_id=ref,
+                    )
+                    for q, ref in ((0.5, "A"), (0.95, "B"))
+                ],
+                prom(
+                    f"sum(rate({m}_batch_records_sum[{RATE}]))"
+                    f" / sum(rate({m}_batch_records_count[{RATE}]))",
+                    "mean",
+                    ref_id="C",
+                ),
+            ).decimals(0)
+        )
+        .with_panel(
+            _series(
+                "Writer batch latency (both writers, to the database commit)",
+                *_quantiles(f"{m}_batch_write_seconds"),
+                unit="s",
+            )
+        )
+        .with_panel(
+            _series(
+                "End-to-end: terminal timestamp to raw row committed (p99 by table)",
+                prom(
+                    "histogram_quantile(0.99, sum by (le, table)"
+                    f' (rate({m}_end_to_end_seconds_bucket{{since="terminal"}}[{RATE}])))',
+                    "p99 {{table}}",
+                    ref_id="A",
+                ),
+                prom(
+                    "histogram_quantile(0.5, sum by (le, table)"
+                    f' (rate({m}_end_to_end_seconds_bucket{{since="terminal"}}[{RATE}])))',
+                    "p50 {{table}}",
+                    ref_id="B",
+                ),
+                unit="s",
+            )
+        )
+        .with_panel(
+            _series(
+                "Batches awaiting the WAL flush (above a few: PostgreSQL is not flushing)",
+                prom(f"sum({m}_batches_awaiting_flush)", "batches", ref_id="A"),
+                prom(
+                    f"time() - max({m}_last_batch_timestamp > 0)", "s since last batch", ref_id="B"
+                ),
+                w=24,
+            )
+        )
+    )
+
+
+def _webhooks(dash: db.Dashboard) -> db.Dashboard:
+    m = "posflow_webhook"
+    return (
+        dash.with_row(db.Row("Merchant webhooks (posflow api webhooks deliver)"))
+        .with_panel(
+            _series(
+                "Webhook attempts by outcome; endpoints parked (dead, revoked)",
+                _rates(f"{m}_attempts_total", "outcome", "{{outcome}}", "A"),
+                _rates(f"{m}_parked_total", "state", "parked {{state}}", "B"),
+                unit="reqps",
+            )
+        )
+        .with_panel(
+            _series(
+                "Webhook POST latency (sent to answered)",
+                *_quantiles(f"{m}_attempt_seconds"),
+                unit="s",
+            )
+        )
+        .with_panel(
+            _series(
+                "Endpoints by state; LISTEN connection up",
+                prom(f"sum by (state) ({m}_endpoints)", "{{state}}", ref_id="A"),
+                prom(f"max({m}_listening)", "listening", ref_id="B"),
+                w=24,
+            ).decimals(0)
+        )
+    )
 
 
 def _settlement(dash: db.Dashboard) -> db.Dashboard:

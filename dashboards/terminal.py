@@ -5,7 +5,7 @@ from __future__ import annotations
 from grafana_foundation_sdk.builders import dashboard as db
 from grafana_foundation_sdk.builders import statetimeline, table, timeseries
 
-from dashboards._panels import TAGS, fixed_colour, health_thresholds, sql_variable, steps
+from dashboards._panels import TAGS, health_thresholds, sql_variable, steps, value_colours
 from dashboards._targets import PG, Sql
 
 __all__ = ["UID", "build"]
@@ -77,14 +77,28 @@ HEALTH = Sql(
     printer_score="number",
 )
 
-# Each health window as a status band: healthy / degraded / poor; gaps are silence.
+# Status over time: each health window as a band (healthy / degraded / poor), and the
+# terminal's offline spells from its terminal_offline alert (started when the terminal
+# went offline or silent, resolved when it spoke again). Gaps are silence.
 STATUS_HISTORY = Sql(
     """
-    SELECT window_start AS "time",
-           CASE WHEN score >= 80 THEN 'healthy' WHEN score >= 50 THEN 'degraded'
-                ELSE 'poor' END AS status
-      FROM terminal_health
-     WHERE terminal_id = '$terminal' AND $__timeFilter(window_start)
+    SELECT "time", status FROM (
+        SELECT window_start AS "time",
+               CASE WHEN score >= 80 THEN 'healthy' WHEN score >= 50 THEN 'degraded'
+                    ELSE 'poor' END AS status
+          FROM terminal_health
+         WHERE terminal_id = '$terminal' AND $__timeFilter(window_start)
+        UNION ALL
+        SELECT started_at, 'offline'
+          FROM alerts
+         WHERE rule = 'terminal_offline' AND subject_id = '$terminal'
+           AND $__timeFilter(started_at)
+        UNION ALL
+        SELECT resolved_at, 'back online'
+          FROM alerts
+         WHERE rule = 'terminal_offline' AND subject_id = '$terminal'
+           AND resolved_at IS NOT NULL AND $__timeFilter(resolved_at)
+    ) AS history
      ORDER BY 1
     """,
     fmt="time_series",
@@ -192,7 +206,18 @@ def build() -> db.Dashboard:
             .datasource(PG)
             .with_target(STATUS_HISTORY)
             .thresholds(steps([(None, "green")]))
-            .override_by_name("status", fixed_colour("blue"))
+            .override_by_name(
+                "status",
+                value_colours(
+                    {
+                        "healthy": "green",
+                        "degraded": "orange",
+                        "poor": "red",
+                        "offline": "dark-red",
+                        "back online": "blue",
+                    }
+                ),
+            )
             .height(5)
             .span(24)
         )

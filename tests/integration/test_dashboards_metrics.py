@@ -1,7 +1,8 @@
 """Every metric a PromQL panel names is exported by the real service it belongs to.
 
 `posflow ingest`, `posflow streams worker`, `posflow settlement worker`,
-`posflow alerts run` and `posflow api` run as subprocesses on free ports with their
+`posflow alerts run`, `posflow api`, `posflow streams sink` and `posflow api webhooks
+deliver` run as subprocesses on free ports with their
 own topic prefix, database, consumer groups and app id; their /metrics are scraped
 directly (the stack's Prometheus scrapes only the fixed default ports).
 
@@ -57,6 +58,8 @@ _OWNERS = {
     "posflow_settlement_": ("settlement",),
     "posflow_alerts_": ("alerts",),
     "posflow_api_": ("api",),
+    "posflow_rawsink_": ("sink",),
+    "posflow_webhook_": ("webhooks",),
     "posflow_consumer_lag": ("settlement", "alerts"),
 }
 _SERVICES = {  # name -> (command, env var of its port)
@@ -65,8 +68,10 @@ _SERVICES = {  # name -> (command, env var of its port)
     "settlement": (["settlement", "worker"], "POSFLOW_SERVICES__SETTLEMENT"),
     "alerts": (["alerts", "run"], "POSFLOW_SERVICES__ALERTS"),
     "api": (["api"], "POSFLOW_SERVICES__API"),
+    "sink": (["streams", "sink"], "POSFLOW_SERVICES__RAWSINK"),
+    "webhooks": (["api", "webhooks", "deliver"], "POSFLOW_API__WEBHOOK_PORT"),
 }
-_STARTUP_S = 120  # five Python services starting at once on two shared cores
+_STARTUP_S = 150  # seven Python services starting at once on two shared cores
 _TRAFFIC_S = 60
 
 
@@ -159,6 +164,7 @@ def run(
         "POSFLOW_STREAMS__APP_ID": unique("dash-health"),
         "POSFLOW_SETTLEMENT__GROUP": groups["settlement"],
         "POSFLOW_ALERTS__GROUP": groups["alerts"],
+        "POSFLOW_RAWSINK__GROUP": unique("dash-sink"),
         "POSFLOW_SECURITY__MASTER_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
         **{port_env: str(ports[name]) for name, (_, port_env) in _SERVICES.items()},
     }

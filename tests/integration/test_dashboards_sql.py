@@ -188,7 +188,7 @@ def _alerts(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
         ("a1", "terminal_offline", "critical", "T-dash-3", "M-dash-b", "firing", t, None, None),
         ("a2", "battery_low", "warning", "T-dash-2", "M-dash-a", "acknowledged",
          t + timedelta(minutes=2), t + timedelta(minutes=4), None),
-        ("a3", "signal_weak", "warning", "T-dash-2", "M-dash-a", "resolved",
+        ("a3", "weak_signal", "warning", "T-dash-2", "M-dash-a", "resolved",
          t + timedelta(minutes=1), t + timedelta(minutes=3), t + timedelta(minutes=11)),
         ("a4", "terminal_offline", "critical", "T-dash-1", "M-dash-a", "resolved",
          t + timedelta(minutes=5), None, t + timedelta(minutes=8)),
@@ -241,11 +241,13 @@ def filled(request: pytest.FixtureRequest) -> Iterator[tuple[PostgresSettings, d
 VARIABLES = {"terminal": Variable("T-dash-2"), "merchant": Variable("M-dash-a")}
 
 
-def run(pg: PostgresSettings, target: SqlTarget) -> tuple[list[tuple[str, str]], list[Any]]:
+def run(
+    pg: PostgresSettings, target: SqlTarget, variables: dict[str, Variable] | None = None
+) -> tuple[list[tuple[str, str]], list[Any]]:
     """(column name, kind) and rows of a target, expanded as Grafana would."""
     with psycopg.connect(pg.dsn(), autocommit=True) as conn:
         timescale = detect_path(conn) == "timescaledb"
-        sql = expand(target.sql, RANGE, VARIABLES, timescaledb=timescale)
+        sql = expand(target.sql, RANGE, variables or VARIABLES, timescaledb=timescale)
         cur = conn.execute(sql.encode())
         assert cur.description is not None
         types = conn.adapters.types
@@ -337,10 +339,10 @@ def test_merchant_and_alert_panels_show_exact_money_and_reaction_times(
     by_rule = {
         r[0]: r for r in run(pg, _target("alerts", "By rule (reaction times in seconds)"))[1]
     }
-    # signal_weak: acknowledged after 2 min, resolved after 10 min.
-    assert by_rule["signal_weak"][1:4] == (0, 0, 1)
-    assert by_rule["signal_weak"][4] == pytest.approx(120)
-    assert by_rule["signal_weak"][6] == pytest.approx(600)
+    # weak_signal: acknowledged after 2 min, resolved after 10 min.
+    assert by_rule["weak_signal"][1:4] == (0, 0, 1)
+    assert by_rule["weak_signal"][4] == pytest.approx(120)
+    assert by_rule["weak_signal"][6] == pytest.approx(600)
     assert by_rule["terminal_offline"][1:4] == (1, 0, 1)
     state = run(pg, _target("alerts", "Open · acknowledged · resolved in range"))[1]
     assert state == [(1, 1, 2)]
@@ -355,6 +357,16 @@ def test_terminal_variable_selects_that_terminal_only(
     assert Decimal(str(battery[0][1])) == 40
     assert min(r[1] for r in battery) == 31
     alerts = run(pg, _target("terminal", "Alerts"))[1]
-    assert sorted(r[1] for r in alerts) == ["battery_low", "signal_weak"]
+    assert sorted(r[1] for r in alerts) == ["battery_low", "weak_signal"]
     status = run(pg, _target("terminal", "Status history"))[1]
-    assert {r[1] for r in status} == {"poor"}
+    assert {r[1] for r in status} == {"poor"}  # T-dash-2 never went offline
+    # T-dash-1 went offline at +5 min and spoke again at +8 min (its terminal_offline alert).
+    other = {**VARIABLES, "terminal": Variable("T-dash-1")}
+    history = run(pg, _target("terminal", "Status history"), other)[1]
+    spells = [(r[0], r[1]) for r in history if r[1] in ("offline", "back online")]
+    assert spells == [
+        (START + timedelta(minutes=5), "offline"),
+        (START + timedelta(minutes=8), "back online"),
+    ]
+    assert [r[0] for r in history] == sorted(r[0] for r in history)
+    assert {r[1] for r in history} - {"offline", "back online"} <= {"healthy", "degraded", "poor"}
