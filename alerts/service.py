@@ -37,6 +37,7 @@ from api.problems import Problem
 from posflow.errors import PosflowError
 from posflow.kafkalag import ConsumerLag
 from posflow.security.roles import Action, Target
+from posflow.security.tls import kafka_ssl_options, postgres_dsn
 from posflow.settings import Settings
 
 __all__ = ["AlertService", "build"]
@@ -305,6 +306,7 @@ class AlertService:
             bootstrap_servers=self.settings.kafka.bootstrap,
             enable_auto_commit=False,
             isolation_level="read_committed",
+            **kafka_ssl_options(self.settings),
         )
         await consumer.start()
         tasks = [
@@ -558,7 +560,11 @@ def build(settings: Settings) -> AlertService:
     engine = Engine(rules, time.time, area_deg=a.area_deg)
     metrics = AlertMetrics()
     producer = AIOKafkaProducer(
-        bootstrap_servers=k.bootstrap, acks="all", enable_idempotence=True, linger_ms=5
+        bootstrap_servers=k.bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        **kafka_ssl_options(settings),
     )
     channels: list[Notifier] = [KafkaChannel(producer, f"{k.topic_prefix}.alerts.v1")]
     if a.webhook_url:
@@ -569,7 +575,7 @@ def build(settings: Settings) -> AlertService:
         )
     if a.log_notifications:
         channels.append(LogChannel())
-    dsn = settings.postgres.dsn()
+    dsn = postgres_dsn(settings)
     conn: psycopg.Connection[tuple[Any, ...]] = psycopg.connect(dsn)
     store = AlertStore(conn, group=a.group, channels=[c.name for c in channels])
     outbox = Outbox(dsn, channels, list(a.retry_schedule_s), metrics)
@@ -594,7 +600,7 @@ def run_service(settings: Settings) -> None:
     """Apply the migrations (the engine needs no partition maintenance), then run."""
     from posflow.storage.migrate import migrate
 
-    with psycopg.connect(settings.postgres.dsn(), autocommit=True) as conn:
+    with psycopg.connect(postgres_dsn(settings), autocommit=True) as conn:
         migrate(conn)
 
     async def main() -> None:

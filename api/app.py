@@ -22,6 +22,7 @@ from api.metrics import ApiMetrics, RequestMetricsMiddleware
 from api.problems import install_handlers
 from api.ratelimit import RateLimiter
 from api.routes import ApiContext, make_router, make_staff_router
+from posflow.security.tls import postgres_dsn
 from posflow.settings import Settings
 
 __all__ = ["ApiService", "app_from_environment", "build", "create_app"]
@@ -50,7 +51,7 @@ def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> FastAPI
     """The ASGI app; its lifespan opens the database pool and the LISTEN connection."""
     api = settings.api
     metrics = metrics or ApiMetrics()
-    conninfo = settings.postgres.dsn()
+    conninfo = postgres_dsn(settings)
     pool = AsyncConnectionPool(
         conninfo,
         min_size=1,

@@ -44,6 +44,7 @@ from api.signing import backoff_s, sign
 from api.webhooks import CHANNEL, secret_purpose
 from posflow.errors import PosflowError
 from posflow.security.keys import KeyProvider, MerchantKeyRevokedError, get_secret
+from posflow.security.tls import postgres_dsn
 from posflow.settings import ApiSettings, Settings
 
 __all__ = ["DeliveryMetrics", "WebhookDeliverer", "WebhookService", "build_deliverer"]
@@ -431,5 +432,5 @@ def build_deliverer(settings: Settings, provider: KeyProvider | None = None) -> 
         from posflow.security.keys import master_key_from_settings
 
         provider = master_key_from_settings(settings)
-    deliverer = WebhookDeliverer(settings.api, settings.postgres.dsn(), provider, DeliveryMetrics())
+    deliverer = WebhookDeliverer(settings.api, postgres_dsn(settings), provider, DeliveryMetrics())
     return WebhookService(settings, deliverer)

@@ -35,6 +35,7 @@ from paho.mqtt.properties import Properties
 from ingest._mqtt import BufferedClient, LoopDriver
 from ingest.metrics import BridgeMetrics
 from posflow.contracts import Accepted, validate_message
+from posflow.security.tls import kafka_ssl_options, service_mqtt_endpoint
 from posflow.settings import Settings
 
 __all__ = ["Bridge", "PendingRecord"]
@@ -90,6 +91,8 @@ class Bridge:
         self._draining = False
         self._mqtt_connected = asyncio.Event()
         self._kafka_ok = False
+        # Password listener, or the TLS listener with the service's certificate.
+        self._mqtt_port, self._mqtt_tls = service_mqtt_endpoint(settings)
         self.client = self._make_client()
 
     # --- state ------------------------------------------------------------------
@@ -113,7 +116,11 @@ class Bridge:
             protocol=mqtt.MQTTv5,
             manual_ack=True,
         )
-        client.username_pw_set(m.service_user, m.service_password.get_secret_value())
+        if self._mqtt_tls is not None:
+            # The certificate's common name is the MQTT username (use_identity_as_username).
+            client.tls_set_context(self._mqtt_tls)
+        else:
+            client.username_pw_set(m.service_user, m.service_password.get_secret_value())
         client.max_inflight_messages_set(cfg.max_inflight)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -377,6 +384,7 @@ class Bridge:
             request_timeout_ms=10_000,
             retry_backoff_ms=200,
             client_id=self.settings.ingest.client_id,
+            **kafka_ssl_options(self.settings),
         )
         while True:
             try:
@@ -395,14 +403,16 @@ class Bridge:
             try:
                 self.client.connect(
                     m.host,
-                    m.port,
+                    self._mqtt_port,
                     keepalive=30,
                     clean_start=False,
                     properties=self._connect_properties(),
                 )
                 break
             except OSError as exc:
-                log.warning("MQTT broker unreachable at %s:%d (%s); retrying", m.host, m.port, exc)
+                log.warning(
+                    "MQTT broker unreachable at %s:%d (%s); retrying", m.host, self._mqtt_port, exc
+                )
                 await asyncio.sleep(self.settings.ingest.retry_backoff_s)
         async with asyncio.timeout(30):
             await self._mqtt_connected.wait()

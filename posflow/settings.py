@@ -329,6 +329,21 @@ class SecuritySettings(_Section):
     kafka_ssl_cafile: Path | None = None
     kafka_ssl_certfile: Path | None = None
     kafka_ssl_keyfile: Path | None = None
+    mqtt_client_tls: bool = Field(
+        default=False,
+        description="services and simulated terminals connect to Mosquitto's TLS listener "
+        "with a client certificate instead of a password (production: true)",
+    )
+    mqtt_client_cafile: Path | None = Field(
+        default=None, description="CA that signed the broker; default <pki>/ca.crt"
+    )
+    mqtt_client_certfile: Path | None = Field(
+        default=None,
+        description="the service account's certificate; default <pki>/terminals/<service_user>.crt",
+    )
+    mqtt_client_keyfile: Path | None = Field(
+        default=None, description="its private key; default next to the certificate"
+    )
 
 
 class GrafanaSettings(_Section):

@@ -5,14 +5,39 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from simulator.fleet import Fleet
 
 __all__ = ["register"]
 
 Terminals = Annotated[int, typer.Option("--terminals", "-n", min=1, help="fleet size")]
 FleetName = Annotated[str, typer.Option("--fleet", help="fleet name: prefix of every id")]
+Merchants = Annotated[
+    int | None,
+    typer.Option(
+        "--merchants", min=1, help="share the terminals among exactly this many merchants"
+    ),
+]
+
+
+def _fleet(
+    terminals: int, seed: int, name: str, merchants: int | None, *, at: float = 0.0
+) -> Fleet:
+    """The fleet, or a one-line error when ``merchants`` cannot share ``terminals``."""
+    from posflow.errors import PosflowError
+    from simulator.fleet import build_fleet
+
+    if merchants is not None and merchants > terminals:
+        raise PosflowError(
+            f"--merchants {merchants} is more than the {terminals} terminals: "
+            "every merchant needs at least one",
+            fix="give --merchants at most --terminals",
+        )
+    return build_fleet(terminals, seed=seed, name=name, at=at, merchants=merchants)
 
 
 def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one nested function per command
@@ -21,34 +46,42 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one nested function p
     app.add_typer(fleet_app, name="fleet")
 
     @fleet_app.command("register")
-    def fleet_register(
+    def fleet_register(  # noqa: PLR0917 - typer options
         terminals: Terminals = 100,
         fleet: FleetName = "sim",
+        merchants: Merchants = None,
         database: Annotated[
             bool, typer.Option(help="merchants and terminals in PostgreSQL")
         ] = True,
         mqtt: Annotated[
             bool, typer.Option(help="terminal and gateway accounts in Mosquitto")
         ] = True,
+        certificates: Annotated[
+            bool,
+            typer.Option(help="a client certificate per terminal and gateway (simulate --tls)"),
+        ] = False,
     ) -> None:
         """Register a fleet (same seed, same fleet) in the database and in Mosquitto."""
         from posflow.cli import _out, _settings
-        from simulator.fleet import build_fleet
         from simulator.register import register_fleet
 
         settings = _settings()
-        built = build_fleet(terminals, seed=settings.simulator.seed, name=fleet)
-        done = register_fleet(settings, built, database=database, mqtt=mqtt)
+        built = _fleet(terminals, settings.simulator.seed, fleet, merchants)
+        done = register_fleet(
+            settings, built, database=database, mqtt=mqtt, certificates=certificates
+        )
         _out.print(
             f"fleet {fleet}: {done['merchants']:,} merchants, {done['terminals']:,} terminals in "
-            f"the database; {done['mqtt_accounts']:,} MQTT accounts "
-            f"(seed {settings.simulator.seed})"
+            f"the database; {done['mqtt_accounts']:,} MQTT accounts"
+            + (f"; {done['certificates']:,} certificates issued" if certificates else "")
+            + f" (seed {settings.simulator.seed})"
         )
 
     @app.command("simulate")
     def simulate(  # noqa: PLR0917 - typer options
         terminals: Terminals = 100,
         fleet: FleetName = "sim",
+        merchants: Merchants = None,
         duration: Annotated[
             float, typer.Option("--duration", "-d", min=0, help="run seconds; 0: until stopped")
         ] = 300,
@@ -84,6 +117,16 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one nested function p
         start: Annotated[
             float | None, typer.Option("--t0", help="start, epoch seconds (default: now)")
         ] = None,
+        summary_json: Annotated[
+            Path | None, typer.Option(help="also write the final counts as JSON here")
+        ] = None,
+        tls: Annotated[
+            bool,
+            typer.Option(
+                "--tls/--passwords",
+                help="terminals connect to the TLS listener with their own certificates",
+            ),
+        ] = False,
     ) -> None:
         """Run a fleet against the running pipeline (or write its messages with --offline).
 
@@ -99,7 +142,6 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one nested function p
         from posflow.errors import PosflowError
         from posflow.logs import configure_logging
         from simulator.engine import Run
-        from simulator.fleet import build_fleet
         from simulator.scenarios import load_scenario
         from simulator.service import SimulateOptions, build
 
@@ -111,7 +153,7 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one nested function p
                 fix="give --duration SECONDS (not 0, not --forever)",
             )
         t0 = time.time() if start is None else start  # fixed: the same bytes every time
-        built = build_fleet(terminals, seed=settings.simulator.seed, name=fleet, at=t0)
+        built = _fleet(terminals, settings.simulator.seed, fleet, merchants, at=t0)
         plan = load_scenario(scenario) if scenario else None
         run = Run(built, t0=t0, duration_s=math.inf if endless else duration,
                   telemetry_s=telemetry_s, txn_scale=txn_scale, ramp_per_s=ramp,
@@ -125,12 +167,14 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one nested function p
             return
         configure_logging()
         options = SimulateOptions(
-            speed=speed, max_real=max_real, gateways=gateways, register=register_first
+            speed=speed, max_real=max_real, gateways=gateways, register=register_first, tls=tls
         )
         sim = build(settings, built, run, options)
         asyncio.run(sim.run_until_done())
         # One line, never wrapped: the main job and the tests read it.
         _out.print(sim.summary(), soft_wrap=True, markup=False, highlight=False)
+        if summary_json is not None:
+            summary_json.write_text(json.dumps(sim.metrics.counts(), indent=2, sort_keys=True))
 
     @app.command("loadtest")
     def loadtest(  # noqa: PLR0917 - typer options
@@ -169,5 +213,8 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one nested function p
         _out.print(f"report: {out_dir / name}.json and .md")
         if report["pipeline_exited_during_run"]:
             _out.print(f"[red]pipeline processes died: {report['pipeline_exited_during_run']}")
-        if a["lost"] or report["pipeline_exited_during_run"]:
+        lost_db = report["database"].get("lost_before_database", 0)
+        _out.print(f"database: {report['database'].get('stored_rows', 0):,} rows stored, "
+                   f"lost before the database [bold]{lost_db:,}[/bold]")  # fmt: skip
+        if a["lost"] or lost_db or report["pipeline_exited_during_run"]:
             raise typer.Exit(1)

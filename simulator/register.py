@@ -6,6 +6,7 @@ import json
 
 import psycopg
 
+from posflow.security.tls import postgres_dsn
 from posflow.settings import Settings
 from posflow.stack import Stack
 from posflow.storage.setup import prepare_database
@@ -26,16 +27,23 @@ def gateway_account(settings: Settings, run_name: str) -> tuple[str, str]:
 
 
 def register_fleet(
-    settings: Settings, fleet: Fleet, *, database: bool = True, mqtt: bool = True
+    settings: Settings,
+    fleet: Fleet,
+    *,
+    database: bool = True,
+    mqtt: bool = True,
+    certificates: bool = False,
 ) -> dict[str, int]:
     """Upsert the fleet's merchants and terminals, and its terminal and gateway accounts.
 
+    ``certificates``: also a client certificate from the project CA for each terminal
+    and the gateway account that has none yet (``posflow simulate --tls``).
     Idempotent: registering the same fleet again changes nothing but the passwords'
     salts. Returns how many of each were written.
     """
-    out = {"merchants": 0, "terminals": 0, "mqtt_accounts": 0}
+    out = {"merchants": 0, "terminals": 0, "mqtt_accounts": 0, "certificates": 0}
     if database:
-        with psycopg.connect(settings.postgres.dsn()) as conn:
+        with psycopg.connect(postgres_dsn(settings)) as conn:
             prepare_database(conn, settings.storage)
             with conn.cursor() as cur:
                 cur.executemany(
@@ -69,4 +77,13 @@ def register_fleet(
         mosquitto.set_users({t.terminal_id: t.password for t in fleet.terminals}, reload=False)
         mosquitto.set_gateways(dict([gateway_account(settings, fleet.name)]))  # reloads
         out["mqtt_accounts"] = len(fleet.terminals) + 1
+    if certificates:
+        from posflow.security.pki import Pki
+
+        pki = Pki.from_settings(settings)
+        days = settings.security.cert_days
+        issued = pki.issue_missing([t.terminal_id for t in fleet.terminals], days=days)
+        gateway = gateway_account(settings, fleet.name)[0]
+        issued += pki.issue_missing([gateway], kind="service", days=days)
+        out["certificates"] = len(issued)
     return out

@@ -41,6 +41,7 @@ class SimulateOptions:
     gateways: int = 8
     register: bool = True
     run_id: str = "sim"
+    tls: bool = False  # certificates on the TLS listener instead of passwords
 
 
 async def serve_metrics(
@@ -103,7 +104,9 @@ class Simulation:
             if self.options.register:
                 # Not interruptible (a few seconds for thousands of accounts): a stop
                 # during it takes effect right after, before anything is published.
-                await asyncio.to_thread(register_fleet, self.settings, self.fleet)
+                await asyncio.to_thread(
+                    register_fleet, self.settings, self.fleet, certificates=self.options.tls
+                )
             self.registered = True
             if self.stop.is_set():
                 return None
@@ -111,7 +114,7 @@ class Simulation:
                 self.settings, self.fleet, self.run, on_sent=_ignore,
                 max_real=self.options.max_real, gateways=self.options.gateways,
                 speed=self.options.speed, run_id=self.options.run_id,
-                metrics=self.metrics, stop=self.stop,
+                metrics=self.metrics, stop=self.stop, tls=self.options.tls,
             )  # fmt: skip
             return self.result
         finally:

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import random
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -70,6 +71,7 @@ class Conn:
         on_sent: Callable[[Message], None],
         jitter: random.Random,
         max_inflight: int = 20,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.host, self.port = host, port
@@ -77,7 +79,10 @@ class Conn:
         self._on_sent = on_sent
         self._jitter = jitter
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
-        c.username_pw_set(username, password)
+        if tls is not None:
+            c.tls_set_context(tls)  # the certificate's common name is the MQTT username
+        else:
+            c.username_pw_set(username, password)
         c.max_inflight_messages_set(max_inflight)
         c.max_queued_messages_set(0)
         c.on_socket_open = self._sock_open
@@ -250,8 +255,10 @@ class Fanout:
         on_sent: Callable[[Message], None],
         seed: int,
         run_id: str,
+        tls: Callable[[str], ssl.SSLContext] | None = None,
     ) -> None:
         self.stats = TransportStats()
+        self._tls = tls  # username -> its certificate's context (TLS listener)
         self._jitter = random.Random(f"{seed}:jitter")  # timing only, never message content
         self._terminals = terminals
         self._host, self._port = host, port
@@ -270,7 +277,7 @@ class Fanout:
         return Conn(
             client_id=client_id, username=user, password=password, host=self._host,
             port=self._port, stats=self.stats, on_sent=self._on_sent, jitter=self._jitter,
-            max_inflight=max_inflight,
+            max_inflight=max_inflight, tls=self._tls(user) if self._tls is not None else None,
         )  # fmt: skip
 
     async def start(self, stop: asyncio.Event | None = None) -> None:

@@ -29,6 +29,7 @@ import faust
 import orjson
 
 from posflow.kafkalag import ConsumerLag
+from posflow.security.tls import kafka_ssl_options, postgres_dsn
 from posflow.settings import Settings
 from streams.metrics import StreamMetrics
 from streams.sink import HealthSink
@@ -211,6 +212,8 @@ def build(settings: Settings) -> HealthApp:
         broker_session_timeout=10.0,
         broker_heartbeat_interval=2.0,
         producer_linger_ms=5,
+        # TLS to Kafka when security.kafka_security_protocol is SSL (faust takes the context).
+        broker_credentials=kafka_ssl_options(settings).get("ssl_context"),
     )
     prefix = k.topic_prefix
     sources = app.topic(
@@ -244,7 +247,7 @@ def build(settings: Settings) -> HealthApp:
         offline_factor=s.offline_factor,
         drain_span_s=s.drain_span_s,
     )
-    health = HealthApp(settings, app, metrics, HealthSink(settings.postgres.dsn(), metrics), cfg)
+    health = HealthApp(settings, app, metrics, HealthSink(postgres_dsn(settings), metrics), cfg)
     health.table = table
 
     async def send_health(key: bytes, value: bytes) -> None:
@@ -334,7 +337,7 @@ def run_worker(settings: Settings) -> None:
 
     refuse_dev_defaults(settings)
 
-    with psycopg.connect(settings.postgres.dsn(), autocommit=True) as conn:
+    with psycopg.connect(postgres_dsn(settings), autocommit=True) as conn:
         prepare_database(conn, settings.storage)
     # The re-keyed payments: co-partitioned with the terminal-keyed topics.
     internal = TopicSpec(

@@ -32,6 +32,7 @@ from posflow.contracts import ContractError, DeadLetter, IngestEnvelope, Reason,
 from posflow.contracts.money import FeePlan, IntegrityEvent
 from posflow.http import start_http
 from posflow.kafkalag import ConsumerLag
+from posflow.security.tls import kafka_ssl_options, postgres_dsn
 from posflow.settings import Settings
 from posflow.storage.ledger import CashflowEvent, LedgerEntry, LedgerResult
 from posflow.storage.settlement import (
@@ -187,7 +188,8 @@ class SettlementWorker:
         self.cashflow_topic = f"{prefix}.cashflow.v1"
         self.integrity_topic = f"{prefix}.integrity.v1"
         self.deadletter_topic = f"{prefix}.deadletter.v1"
-        dsn = settings.postgres.dsn()
+        dsn = postgres_dsn(settings)
+        kafka_tls = kafka_ssl_options(settings)
         self.converter = _Converter(psycopg.connect(dsn), metrics)
         self.outbox = psycopg.connect(dsn)
         self.outbox_lock = asyncio.Lock()
@@ -198,6 +200,7 @@ class SettlementWorker:
             dsn=dsn,
             to_entries=self.converter,
             max_records=settings.settlement.max_records,
+            kafka_options=kafka_tls,
         )
         # posflow_consumer_lag of the txn partitions this worker holds (Kafka offsets are
         # informational here, so lag is measured from the consumer's own position).
@@ -207,6 +210,7 @@ class SettlementWorker:
             acks="all",
             enable_idempotence=True,
             linger_ms=2,
+            **kafka_tls,
         )
         self.started = False
         self.last_loop = 0.0

@@ -116,6 +116,12 @@ def pki_init() -> None:
 def pki_issue(
     terminal_id: Annotated[str, typer.Argument(help="terminal id = certificate common name")],
     days: Annotated[int | None, typer.Option(help="lifetime (default security.cert_days)")] = None,
+    kind: Annotated[
+        str,
+        typer.Option(
+            help="terminal, or service: a posflow service's account (security.mqtt_client_tls)"
+        ),
+    ] = "terminal",
     actor: Actor = None,
 ) -> None:
     """Issue a terminal's client certificate; its common name is its MQTT username."""
@@ -130,7 +136,16 @@ def pki_issue(
         _require_schema(conn)
         authorize_audited(conn, principal, Action.CERT_ISSUE, target, source=source)
         pki = Pki.from_settings(settings)
-        cert = pki.issue(terminal_id, days=days or settings.security.cert_days)
+        if kind not in ("terminal", "service"):
+            raise PosflowError(
+                f"--kind {kind!r}: a client certificate is for a terminal or a service",
+                fix="--kind terminal or --kind service",
+            )
+        cert = pki.issue(
+            terminal_id,
+            kind="service" if kind == "service" else "terminal",
+            days=days or settings.security.cert_days,
+        )
         record(
             conn,
             actor=principal.id,
@@ -138,7 +153,7 @@ def pki_issue(
             action=Action.CERT_ISSUE.value,
             target=str(target),
             source=source,
-            detail={"serial": cert.serial, "not_after": cert.not_after},
+            detail={"serial": cert.serial, "not_after": cert.not_after, "kind": cert.kind},
         )
     _echo(f"issued {terminal_id} serial {cert.serial} valid until {cert.not_after}")
     _echo(f"  certificate {pki.cert_path(terminal_id)}")

@@ -327,6 +327,31 @@ class Pki:
             self._save(records)
             return record
 
+    def issue_missing(
+        self, names: Sequence[str], *, kind: CertKind = "terminal", days: int = 397
+    ) -> list[CertRecord]:
+        """Issue a certificate to each name that has no valid one yet (a fleet at once:
+        one lock and one registry write); returns the new ones."""
+        for name in names:
+            if not _TERMINAL_ID.match(name):
+                raise PosflowError(f"invalid terminal id {name!r} for a certificate")
+        self.ensure_ca()
+        with self._locked():
+            records = self.records()
+            live = {r.name for r in records if r.status == "valid" and r.kind != "server"}
+            issued = []
+            for name in names:
+                if name in live and self.cert_path(name).exists():
+                    continue
+                cert, key = self._issue(name, kind, days=days)
+                _write_private(self.key_path(name), _key_pem(key))
+                _write_public(self.cert_path(name), cert.public_bytes(serialization.Encoding.PEM))
+                issued.append(_record(cert, name, kind))
+                live.add(name)
+            if issued:
+                self._save([*records, *issued])
+            return issued
+
     def revoke(self, name: str, *, reason: str = "unspecified") -> list[CertRecord]:
         """Revoke every valid certificate of ``name`` and re-sign the CRL; returns them."""
         with self._locked():

@@ -39,6 +39,11 @@ def dev_default_settings(settings: Settings) -> list[str]:
     sec = settings.security
     if sec.mqtt_password_auth:
         found.append("POSFLOW_SECURITY__MQTT_PASSWORD_AUTH (password listener: development only)")
+    if not sec.mqtt_client_tls:
+        found.append(
+            "POSFLOW_SECURITY__MQTT_CLIENT_TLS (services reach the broker by password: "
+            "development only; production has no password listener)"
+        )
     if sec.master_key is None and sec.master_key_file is None:
         found.append("POSFLOW_SECURITY__MASTER_KEY_FILE (no master key configured)")
     if not _loopback(settings.postgres.host) and sec.postgres_sslmode not in (

@@ -13,7 +13,13 @@ from typing import Any
 from posflow.errors import PosflowError
 from posflow.settings import Settings
 
-__all__ = ["kafka_ssl_options", "mqtt_tls_context", "postgres_dsn"]
+__all__ = [
+    "kafka_ssl_options",
+    "mqtt_tls_context",
+    "postgres_dsn",
+    "service_mqtt_endpoint",
+    "terminal_mqtt_tls",
+]
 
 
 def _quote(value: str) -> str:
@@ -75,3 +81,46 @@ def mqtt_tls_context(cafile: Path, certfile: Path, keyfile: Path) -> ssl.SSLCont
     paho: ``client.tls_set_context(ctx)``; aiomqtt: ``Client(..., tls_context=ctx)``.
     """
     return _client_context(cafile, certfile, keyfile)
+
+
+def service_mqtt_endpoint(settings: Settings) -> tuple[int, ssl.SSLContext | None]:
+    """(port, TLS context) a posflow service connects to Mosquitto with.
+
+    ``security.mqtt_client_tls`` off: the password listener and no context. On: the
+    TLS listener with the service account's certificate (its common name is the MQTT
+    username), by default the one `posflow pki issue <service_user> --kind service` wrote.
+    """
+    m, sec = settings.mosquitto, settings.security
+    if not sec.mqtt_client_tls:
+        return m.port, None
+    from posflow.security.pki import Pki
+
+    pki = Pki.from_settings(settings)
+    cafile = sec.mqtt_client_cafile or pki.ca_cert_path
+    certfile = sec.mqtt_client_certfile or pki.cert_path(m.service_user)
+    keyfile = sec.mqtt_client_keyfile or (
+        certfile.with_suffix(".key") if sec.mqtt_client_certfile else pki.key_path(m.service_user)
+    )
+    for what, path in (("CA certificate", cafile), ("certificate", certfile), ("key", keyfile)):
+        if not path.exists():
+            raise PosflowError(
+                f"MQTT over TLS: the service account's {what} {path} does not exist",
+                fix=f"issue it: `posflow pki issue {m.service_user} --kind service`, or set "
+                "POSFLOW_SECURITY__MQTT_CLIENT_CAFILE / _CERTFILE / _KEYFILE",
+            )
+    return m.tls_port, mqtt_tls_context(cafile, certfile, keyfile)
+
+
+def terminal_mqtt_tls(settings: Settings, name: str) -> ssl.SSLContext:
+    """A simulated terminal's (or gateway's) context: its own certificate from the PKI."""
+    from posflow.security.pki import Pki
+
+    pki = Pki.from_settings(settings)
+    cafile = settings.security.mqtt_client_cafile or pki.ca_cert_path
+    certfile, keyfile = pki.cert_path(name), pki.key_path(name)
+    if not certfile.exists() or not keyfile.exists():
+        raise PosflowError(
+            f"MQTT over TLS: no certificate for {name} at {certfile}",
+            fix="register the fleet with certificates: `posflow fleet register --certificates`",
+        )
+    return mqtt_tls_context(cafile, certfile, keyfile)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -72,6 +72,7 @@ class LedgerSink:
         to_entries: ToEntries,
         max_records: int = 500,
         after_db_commit: Callable[[LedgerResult], None] | None = None,
+        kafka_options: Mapping[str, Any] | None = None,  # TLS (posflow.security.tls)
     ) -> None:
         self.topic = topic
         self.to_entries = to_entries
@@ -89,6 +90,7 @@ class LedgerSink:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",
+            **(kafka_options or {}),
         )
 
     async def start(self) -> None:

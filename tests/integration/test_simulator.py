@@ -96,7 +96,12 @@ async def test_scheduled_faults_give_the_expected_health_rows_and_healthy_termin
     fleet = build_fleet(TERMINALS, seed=sim.settings.simulator.seed, name="simit", at=t0)
     ids = [t.terminal_id for t in fleet.terminals]
     done = register_fleet(sim.settings, fleet)
-    assert done == {"merchants": len(fleet.merchants), "terminals": 12, "mqtt_accounts": 13}
+    assert done == {
+        "merchants": len(fleet.merchants),
+        "terminals": 12,
+        "mqtt_accounts": 13,
+        "certificates": 0,
+    }
     assert sim.rows("SELECT count(*) FROM terminals WHERE terminal_id = ANY(%s)", ids) == [(12,)]
     sim.pipeline.start()
 

@@ -34,6 +34,7 @@ def test_production_names_every_dev_default_and_never_the_value(tmp_path: Path) 
         "POSFLOW_POSTGRES__PASSWORD",
         "POSFLOW_MOSQUITTO__SERVICE_PASSWORD",
         "POSFLOW_SECURITY__MQTT_PASSWORD_AUTH",
+        "POSFLOW_SECURITY__MQTT_CLIENT_TLS",
         "POSFLOW_SECURITY__MASTER_KEY_FILE",
     ):
         assert name in message
@@ -61,7 +62,10 @@ def test_production_with_real_settings_passes(tmp_path: Path) -> None:
         update={
             **overrides,
             "security": SecuritySettings(
-                profile="production", mqtt_password_auth=False, master_key_file=key
+                profile="production",
+                mqtt_password_auth=False,
+                mqtt_client_tls=True,
+                master_key_file=key,
             ),
         }
     )
