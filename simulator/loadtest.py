@@ -106,6 +106,56 @@ async def read_back(
     return seen
 
 
+async def _stored_rows(
+    settings: Settings, terminals: list[str], expected: int, seconds: float
+) -> int:
+    """The fleet's telemetry + transaction rows, once the sink has them all (or has stopped
+    moving for 10 s, or ``seconds`` passed)."""
+    query = (
+        b"SELECT (SELECT count(*) FROM telemetry WHERE terminal_id = ANY(%s))"
+        b" + (SELECT count(*) FROM transactions WHERE terminal_id = ANY(%s))"
+    )
+    deadline = time.monotonic() + seconds
+    last, still_since = -1, time.monotonic()
+    while True:
+        with psycopg.connect(settings.postgres.dsn(), autocommit=True) as conn:
+            row = conn.execute(query, (terminals, terminals)).fetchone()
+        stored = int(row[0]) if row else 0
+        now = time.monotonic()
+        if stored != last:
+            last, still_since = stored, now
+        if stored >= expected or now > deadline or now - still_since > 10:
+            return stored
+        await asyncio.sleep(1)
+
+
+def _sink_latency(port: int) -> dict[str, Any]:
+    """Terminal timestamp -> raw row committed, from the sink's histogram (bucket bounds)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError as exc:
+        return {"error": str(exc)}
+    buckets: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "posflow_rawsink_end_to_end_seconds_bucket" and (
+                s.labels.get("since") == "terminal"
+            ):
+                le = float(s.labels["le"])
+                buckets[le] = buckets.get(le, 0.0) + s.value
+    total = buckets.get(float("inf"), 0.0)
+    out: dict[str, Any] = {"n": int(total)}
+    for name, q in (("p50_le", 0.5), ("p95_le", 0.95), ("p99_le", 0.99)):
+        bound = next((le for le in sorted(buckets) if total and buckets[le] >= q * total), None)
+        out[name] = None if bound is None else (bound * 1000 if bound != float("inf") else "inf")
+    return out
+
+
 def _db_stats(settings: Settings, terminals: list[str], rec: Recorder) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with psycopg.connect(settings.postgres.dsn(), autocommit=True) as conn:
@@ -186,6 +236,11 @@ def _markdown(report: dict[str, Any]) -> str:
          f"{a['duplicates_expected']:,} / {a['duplicates_unexpected']:,}"),
         ("publish -> Kafka latency ms", str(a["latency_publish_to_kafka_ms"])),
         ("payment -> cash-flow event ms", str(db["latency_payment_to_cashflow_ms"])),
+        ("readings + payments expected in the database / stored",
+         f"{db.get('expected_rows', 0):,} / {db.get('stored_rows', 0):,}"),
+        ("**lost before the database**", f"**{db.get('lost_before_database', 0):,}**"),
+        ("publish -> database ms (histogram bucket bounds)",
+         str(db.get("latency_publish_to_database_ms"))),
         ("throughput msgs/s", str(report["throughput"])),
         ("database rows", str({k: v for k, v in db.items() if k.endswith("rows")})),
     ]  # fmt: skip
@@ -252,7 +307,8 @@ async def _run(  # noqa: PLR0915 - one straight sequence of steps
     await ensure_topics(lt_settings)
     pipeline = Pipeline(settings, prefix, run_id, database=database)
     # Payments -> ledger -> cash-flow events, when the settlement worker is there.
-    pipeline.start(settlement=importlib.util.find_spec("streams.settlement") is not None)
+    # and the raw sink: every reading and payment must end as a row in the database.
+    pipeline.start(settlement=importlib.util.find_spec("streams.settlement") is not None, sink=True)
     console.print(f"pipeline up: {pipeline.pids()} (topics {prefix}.*)")
     stack = Stack(settings)
     groups: dict[str, list[int]] = {"simulator": [os.getpid()]}
@@ -298,7 +354,17 @@ async def _run(  # noqa: PLR0915 - one straight sequence of steps
         seen = await read_back(lt_settings.kafka, set(ids.values()), expected, opts.readback_s)
         console.print(f"read back in {time.monotonic() - t:.1f} s")
         await asyncio.sleep(3)  # let the health worker's sink flush
+        expected_rows = (
+            metrics.published["telemetry"] + metrics.published["txn"]
+            - metrics.expected_dead_letters - metrics.duplicates
+        )  # fmt: skip
+        console.print(f"waiting for the raw sink: {expected_rows:,} rows expected")
+        stored = await _stored_rows(lt_settings, list(ids.values()), expected_rows, 120)
         db_stats = _db_stats(lt_settings, list(ids.values()), rec)
+        db_stats["expected_rows"] = expected_rows
+        db_stats["stored_rows"] = stored
+        db_stats["lost_before_database"] = max(0, expected_rows - stored)
+        db_stats["latency_publish_to_database_ms"] = _sink_latency(pipeline.ports["sink"])
         died = pipeline.exited()  # any before the stop below is a failure of the run
     finally:
         pipeline.stop()

@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -58,6 +59,7 @@ async def drive(  # noqa: PLR0912, PLR0915 - one paced loop, then the drain
     metrics: SimMetrics | None = None,
     stop: asyncio.Event | None = None,
     stop_drain_s: float = 2.0,
+    tls: bool = False,
 ) -> DriveResult:
     """Publish ``run`` paced at ``speed`` x real time; then wait for acknowledgements.
 
@@ -65,8 +67,20 @@ async def drive(  # noqa: PLR0912, PLR0915 - one paced loop, then the drain
     awaited for at most ``stop_drain_s``, and every connection ends with a clean
     DISCONNECT, so the broker publishes no Last Will (the retained status stays
     "online"; the health worker marks the terminals offline when they stay silent).
+
+    ``tls``: every terminal (and gateway) connects to the TLS listener with its own
+    certificate (`posflow fleet register --certificates`) instead of its password.
     """
     m = settings.mosquitto
+    port, contexts = m.port, None
+    if tls:
+        from posflow.security.tls import terminal_mqtt_tls
+
+        port = m.tls_port
+
+        def contexts(name: str) -> ssl.SSLContext:
+            return terminal_mqtt_tls(settings, name)
+
     user, password = gateway_account(settings, fleet.name)
     if metrics is not None:
         sent = on_sent
@@ -78,9 +92,9 @@ async def drive(  # noqa: PLR0912, PLR0915 - one paced loop, then the drain
     fan = Fanout(
         terminals={i: (t.terminal_id, t.terminal_id, t.password)
                    for i, t in enumerate(fleet.terminals) if i in run.states},
-        host=m.host, port=m.port, max_real=max_real, gateways=gateways,
+        host=m.host, port=port, max_real=max_real, gateways=gateways,
         gateway_user=user, gateway_password=password, on_sent=on_sent,
-        seed=fleet.seed, run_id=run_id,
+        seed=fleet.seed, run_id=run_id, tls=contexts,
     )  # fmt: skip
     if metrics is not None:
         metrics.stats = fan.stats
@@ -177,11 +191,14 @@ class Pipeline:
         worker: bool = True,
         settlement: bool = False,
         alerts: bool = False,
+        sink: bool = False,
         env_extra: dict[str, str] | None = None,
     ) -> None:
         """Start the services and wait until each is ready; ``alerts``: `posflow alerts run`
-        too (its own offsets group, this run's database), ``env_extra``: more settings."""
-        self.ports = {name: _free_port() for name in ("ingest", "streams", "settlement", "alerts")}
+        too (its own offsets group, this run's database), ``sink``: `posflow streams sink`
+        (telemetry and payments into the time-series tables), ``env_extra``: more settings."""
+        names = ("ingest", "streams", "settlement", "alerts", "sink")
+        self.ports = {name: _free_port() for name in names}
         env = {
             **os.environ,
             "POSFLOW_KAFKA__TOPIC_PREFIX": self.prefix,
@@ -195,6 +212,8 @@ class Pipeline:
             "POSFLOW_SETTLEMENT__GROUP": f"posflow-settlement-{self.run_id}",
             "POSFLOW_SERVICES__ALERTS": str(self.ports["alerts"]),
             "POSFLOW_ALERTS__GROUP": f"posflow-alerts-{self.run_id}",
+            "POSFLOW_SERVICES__RAWSINK": str(self.ports["sink"]),
+            "POSFLOW_RAWSINK__GROUP": f"posflow-rawsink-{self.run_id}",
             **(env_extra or {}),
         }
         if self.database is not None:
@@ -206,6 +225,8 @@ class Pipeline:
             commands["settlement"] = ["settlement", "worker"]
         if alerts:
             commands["alerts"] = ["alerts", "run"]
+        if sink:
+            commands["sink"] = ["streams", "sink"]
         for name, argv in commands.items():
             with (self.log_dir / f"posflow-sim-{self.run_id}-{name}.log").open("wb") as log:
                 self.procs[name] = subprocess.Popen(
@@ -218,6 +239,8 @@ class Pipeline:
                 self.wait_ready("settlement", 60)
             if alerts:
                 self.wait_ready("alerts", 60)
+            if sink:
+                self.wait_ready("sink", 60)
             if worker:
                 self.wait_ready("streams", 90, path="/healthz")
         except BaseException:

@@ -222,7 +222,7 @@ def test_app_version_behind_the_fleet(engine: Engine, clock: Clock) -> None:
     assert alert.summary == "Terminal T-old runs app 2.9.3, the fleet runs 2.10.0"
 
 
-def test_dormant_terminal_fires_from_a_timer_and_inhibits_offline(
+def test_dormant_terminal_fires_from_a_timer_after_offline_was_announced(
     engine: Engine, clock: Clock
 ) -> None:
     engine.on_record("telemetry", tele("T1", clock.t))
@@ -373,3 +373,94 @@ def test_removing_a_rule_by_reload_resolves_its_alerts(engine: Engine, clock: Cl
     engine.set_rules(RuleSet(rules=rules))
     assert firing(engine) == {}
     assert events(engine) == [("resolved", "tamper_detected", "T1")]
+
+
+def test_slow_authorizations_boundary_for_and_hysteresis(engine: Engine, clock: Clock) -> None:
+    engine.on_record("window", window("T1", clock.t, auth_p95_ms=3000))
+    assert firing(engine) == {}  # 3000 ms is not above the limit
+    engine.on_record("window", window("T1", clock.t, auth_p95_ms=3001))
+    clock.advance(299)
+    engine.tick()
+    assert firing(engine) == {("slow_authorizations", "T1"): "pending"}
+    clock.advance(1)
+    engine.tick()
+    assert firing(engine) == {("slow_authorizations", "T1"): "firing"}
+    assert events(engine) == [("firing", "slow_authorizations", "T1")]
+    engine.on_record("window", window("T1", clock.t, auth_p95_ms=2000))
+    assert firing(engine) == {("slow_authorizations", "T1"): "firing"}  # band: 2000-3000
+    engine.on_record("window", window("T1", clock.t, auth_p95_ms=1999))
+    assert firing(engine) == {}
+    assert events(engine) == [("resolved", "slow_authorizations", "T1")]
+
+
+def test_app_version_behind_resolves_once_the_terminal_updates(
+    engine: Engine, clock: Clock
+) -> None:
+    for i in range(9):
+        engine.on_record("telemetry", tele(f"T{i}", clock.t, app_version="2.10.0"))
+    engine.on_record("telemetry", tele("T-old", clock.t, app_version="2.9.3"))
+    clock.advance(3599)
+    engine.tick()
+    assert firing(engine) == {("app_version_behind", "T-old"): "pending"}
+    clock.advance(1)
+    engine.tick()
+    assert firing(engine) == {("app_version_behind", "T-old"): "firing"}
+    engine.on_record("telemetry", tele("T-old", clock.t, app_version="2.10.0"))
+    assert firing(engine) == {}
+    assert events(engine) == [
+        ("firing", "app_version_behind", "T-old"),
+        ("resolved", "app_version_behind", "T-old"),
+    ]
+
+
+def test_a_terminal_first_seen_dormant_gets_one_alert_not_two(engine: Engine, clock: Clock) -> None:
+    # The engine learns of a terminal silent for four days (a restore, a backlog): dormant
+    # fires at once, and the offline alert that follows 2 min later is inhibited by it.
+    # (Inhibition holds back a firing notice; an offline alert announced days before the
+    # terminal turned dormant stays announced, as the test above shows.)
+    then = clock.t - 4 * 86400
+    engine.on_record("telemetry", tele("T1", then))
+    engine.on_record("state", state("T1", False, then + 90))
+    engine.tick()
+    assert firing(engine)[("terminal_dormant", "T1")] == "firing"
+    clock.advance(120)
+    engine.tick()
+    offline = engine.alerts[("terminal_offline", "terminal", "T1")]
+    assert offline.state == "firing"
+    assert str(offline.suppressed_by).startswith("inhibited by terminal_dormant"), offline
+    assert events(engine) == [("firing", "terminal_dormant", "T1")]
+    # It checks in: both close; the inhibited offline alert sends no resolve notice.
+    engine.on_record("telemetry", tele("T1", clock.t))
+    engine.tick()
+    assert firing(engine) == {}
+    assert events(engine) == [("resolved", "terminal_dormant", "T1")]
+
+
+def test_carrier_area_signal_loss_needs_five_terminals_and_inhibits_weak_signal(
+    engine: Engine, clock: Clock
+) -> None:
+    for i in range(6):
+        engine.on_record("telemetry", tele(f"A{i}", clock.t))
+    for i in range(4):  # 4 of 6: below min_count 5
+        engine.on_record("telemetry", tele(f"A{i}", clock.t, signal__type="none",
+                                           signal__rsrp_dbm=None))  # fmt: skip
+    clock.advance(120)
+    engine.tick()
+    assert not [a for a in engine.alerts.values() if a.rule == "carrier_area_signal_loss"]
+    engine.on_record("telemetry", tele("A4", clock.t, signal__type="none",
+                                       signal__rsrp_dbm=None))  # fmt: skip
+    # A5 still has a weak signal for ten minutes: inhibited by the area's loss.
+    for _ in range(10):
+        engine.on_record("window", window("A5", clock.t, signal_avg_dbm=-111.0))
+        clock.advance(60)
+        engine.tick()
+    states = firing(engine)
+    assert states[("carrier_area_signal_loss", "Telco/48.80,2.30")] == "firing"
+    assert states[("weak_signal", "A5")] == "firing"
+    weak = engine.alerts[("weak_signal", "terminal", "A5")]
+    assert str(weak.suppressed_by).startswith("inhibited by carrier_area_signal_loss"), weak
+    assert ("firing", "weak_signal", "A5") not in events(engine)
+    for i in range(5):  # signal back
+        engine.on_record("telemetry", tele(f"A{i}", clock.t))
+    engine.tick()
+    assert ("carrier_area_signal_loss", "Telco/48.80,2.30") not in firing(engine)
