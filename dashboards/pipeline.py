@@ -345,8 +345,14 @@ def _settlement(dash: db.Dashboard) -> db.Dashboard:
         )
         .with_panel(
             _series(
-                "Settlement end-to-end: payment received to cash-flow event committed",
+                "Settlement end-to-end: payment received / published to cash-flow event committed",
                 *_quantiles(f"{m}_end_to_end_seconds"),
+                prom(
+                    "histogram_quantile(0.99, sum by (le)"
+                    f" (rate({m}_publish_to_cashflow_seconds_bucket[{RATE}])))",
+                    "p99 from the terminal's publish",
+                    ref_id="D",
+                ),
                 unit="s",
             )
         )

@@ -88,6 +88,13 @@ class SettlementMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.publish_to_cashflow = Histogram(
+            "posflow_settlement_publish_to_cashflow_seconds",
+            "the terminal's payment timestamp (its publish, on the terminal's clock) to its "
+            "cash-flow event committed",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.batch_seconds = Histogram(
             "posflow_settlement_batch_seconds", "one ledger batch: decide and commit",
             buckets=_LATENCY_BUCKETS, registry=r,
@@ -300,8 +307,11 @@ class SettlementWorker:
         m.ledger_writes.labels("flagged").inc(len(result.flagged))
         for ev in result.events:
             m.cashflow_events.labels(ev.kind).inc()
-            if ev.received_at is not None:
+            if ev.received_at is not None:  # a payment's own event (not a release)
                 m.end_to_end.observe((committed - ev.received_at).total_seconds())
+                m.publish_to_cashflow.observe(
+                    max(0.0, (committed - ev.occurred_at).total_seconds())
+                )
         moved = sum(1 for ev in result.events if ev.kind not in ("flagged",))
         m.ledger_writes.labels("applied").inc(moved)
         other = result.applied - moved - len(result.flagged) - result.parked

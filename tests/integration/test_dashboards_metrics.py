@@ -245,6 +245,9 @@ def test_a_little_traffic_fills_the_labelled_series(settings: Settings, run: Run
         frozenset({("kind", "sale")}): 1.0
     }
     assert samples_of(text, "posflow_settlement_end_to_end_seconds_count") == {frozenset(): 1.0}
+    assert samples_of(text, "posflow_settlement_publish_to_cashflow_seconds_count") == {
+        frozenset(): 1.0
+    }
 
     api = samples_of(run.scrape("api"), "posflow_api_requests_total")
     refused = {dict(k)["route"]: v for k, v in api.items() if dict(k)["status"] == "401"}

@@ -208,6 +208,7 @@ async def test_worker_settles_publishes_and_reports_integrity(env: Env) -> None:
     assert "posflow_settlement_flagged_total 1.0" in metrics
     assert 'posflow_settlement_ledger_writes_total{effect="applied"} 21.0' in metrics
     assert "posflow_settlement_end_to_end_seconds_count 22.0" in metrics  # + the flag
+    assert "posflow_settlement_publish_to_cashflow_seconds_count 22.0" in metrics
     found = sorted(
         (e.kind, e.txn_id) for e in map(IntegrityEvent.from_json, await _read_all(env, "integrity"))
     )
