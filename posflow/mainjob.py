@@ -228,21 +228,33 @@ def _create_database(settings: Settings, say: Callable[[str], None]) -> None:
 def _featured(
     settings: Settings, options: MainJobOptions, say: Callable[[str], None]
 ) -> FeedClient:
-    """The fleet's largest merchant, with a merchant key and an API key for its live feed."""
+    """The fleet's largest merchant open for at least another half hour (its balance moves
+    while the console watches; the largest of all when none is open, or with
+    ``always_open``), with a merchant key and an API key for its live feed."""
     import psycopg
 
+    from alerts.facts import Merchant
+
     with psycopg.connect(settings.postgres.dsn(), connect_timeout=5) as conn:
-        row = conn.execute(
-            "SELECT merchant_id FROM terminals WHERE merchant_id LIKE %s"
-            " GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1",
+        rows = conn.execute(
+            "SELECT m.merchant_id, m.timezone, m.opening_hours, count(*) FROM merchants m"
+            " JOIN terminals t USING (merchant_id) WHERE m.merchant_id LIKE %s"
+            " GROUP BY 1, 2, 3 ORDER BY count(*) DESC, 1",
             [f"M-{options.fleet_id}-%"],
-        ).fetchone()
-    if row is None:
+        ).fetchall()
+    if not rows:
         raise PosflowError(
             f"fleet {options.fleet_id!r} has no terminals in the database",
             fix="see `posflow fleet register --help`",
         )
-    merchant = str(row[0])
+    now = time.time()
+    open_now = [
+        str(mid)
+        for mid, tz, hours, _n in rows
+        if (left := Merchant(str(mid), timezone=str(tz), opening_hours=hours or {})
+            .minutes_to_close(now)) is not None and left >= 30
+    ]  # fmt: skip
+    merchant = str(rows[0][0]) if options.always_open or not open_now else open_now[0]
     with contextlib.suppress(PosflowError):  # a second run: the merchant's key already exists
         _cli(["keys", "issue", merchant, "--actor", "posflow-demo"], "issuing the merchant key")
     out = _cli(
