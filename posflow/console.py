@@ -93,7 +93,11 @@ class Watcher:
         self.http = httpx.Client(timeout=2.0)
         self.previous: Snapshot | None = None
         self.events: deque[str] = deque(maxlen=8)
-        self._open_ids: set[str] | None = None
+        self._open: dict[str, tuple[str, str, str]] | None = None  # id -> rule, subject, state
+        # A restarted service's counters start again from 0: what it had counted before is
+        # carried here so totals keep growing (as Prometheus's rate() treats a reset).
+        self._raw: dict[str, float] = {}
+        self._carried: dict[str, float] = {}
 
     def close(self) -> None:
         self.http.close()
@@ -110,7 +114,11 @@ class Watcher:
                 continue  # not up (yet, or restarting): the stage shows its last total
             found = counter_totals(text, [(s.counter, s.labels) for s in stages])
             for s in stages:
-                totals[s.name] = found[(s.counter, tuple(sorted(s.labels.items())))]
+                raw = found[(s.counter, tuple(sorted(s.labels.items())))]
+                if raw < self._raw.get(s.name, 0.0):  # the service restarted
+                    self._carried[s.name] = self._carried.get(s.name, 0.0) + self._raw[s.name]
+                self._raw[s.name] = raw
+                totals[s.name] = raw + self._carried.get(s.name, 0.0)
         return totals
 
     def snapshot(self) -> Snapshot:
@@ -208,14 +216,18 @@ class Watcher:
         self._alert_events(snap)
 
     def _alert_events(self, snap: Snapshot) -> None:
-        current = {a[0]: a for a in snap.open_alerts}
-        if self._open_ids is not None:
-            for alert_id in current.keys() - self._open_ids:
-                _, rule, subject, state = current[alert_id]
-                self.events.append(f"alert {state}: {rule} on {subject}")
-            for alert_id in self._open_ids - current.keys():
-                self.events.append(f"alert resolved: {alert_id}")
-        self._open_ids = set(current)
+        current = {a[0]: (a[1], a[2], a[3]) for a in snap.open_alerts}
+        if self._open is not None:
+            for alert_id, (rule, subject, state) in current.items():
+                before = self._open.get(alert_id)
+                if before is None or before[2] != state:
+                    self.events.append(f"alert {state}: {rule} on {subject}")
+            for alert_id in sorted(self._open.keys() - current.keys()):
+                rule, subject, state = self._open[alert_id]
+                # A pending alert whose condition cleared within its `for` never fired.
+                done = "dropped (cleared within its `for`)" if state == "pending" else "resolved"
+                self.events.append(f"alert {done}: {rule} on {subject}")
+        self._open = current
 
 
 def _money(minor: int) -> str:

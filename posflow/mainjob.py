@@ -503,6 +503,10 @@ def _print_summary(summary: Summary, console: Console) -> None:
     restarts = {k: v for k, v in summary.restarts.items() if v}
     console.print(f"service restarts: {restarts or 'none'}", highlight=False)
     console.print(
+        "the local stack keeps running (its data too): stop it with `posflow stack down`",
+        highlight=False,
+    )
+    console.print(
         f"published {summary.published:,.0f}, reached Kafka (incl. dead letters)"
         f" {summary.reached_kafka:,.0f}; readings and payments expected in the database"
         f" {summary.expected_rows:,} (after {summary.expected_dead_letters:,} expected dead"
