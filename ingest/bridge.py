@@ -125,6 +125,7 @@ class Bridge:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     def _connect_properties(self) -> Properties:
@@ -147,10 +148,23 @@ class Bridge:
             log.error("MQTT broker refused the connection: %s", reason)
             return
         cfg = self.settings.ingest
+        # Ready only once the broker has acknowledged the subscription (_on_subscribe): a
+        # terminal that publishes after /readyz said 200 is never missed by the bridge.
         client.subscribe(f"$share/{cfg.share_group}/{cfg.topic_filter}", qos=1)
+        log.info("connected to MQTT, subscribing to $share/%s/%s", cfg.share_group,
+                 cfg.topic_filter)  # fmt: skip
+
+    def _on_subscribe(
+        self, _client: mqtt.Client, _userdata: object, _mid: int, reasons: list[Any], _p: object
+    ) -> None:
+        refused = [r for r in reasons if getattr(r, "is_failure", False)]
+        if refused:
+            log.error("MQTT broker refused the subscription: %s", refused)
+            return
         self._mqtt_connected.set()
         self._update_ready()
-        log.info("connected to MQTT, subscribed to $share/%s/%s", cfg.share_group, cfg.topic_filter)
+        cfg = self.settings.ingest
+        log.info("subscribed to $share/%s/%s", cfg.share_group, cfg.topic_filter)
 
     def _on_disconnect(self, *_args: object) -> None:
         self._mqtt_connected.clear()

@@ -138,7 +138,14 @@ def service_specs(settings: Settings, options: MainJobOptions, log_dir: Path) ->
         ServiceSpec("alerts", ["alerts", "run"], s.alerts),
         ServiceSpec("api", ["api"], s.api),
         ServiceSpec("webhooks", ["api", "webhooks", "deliver"], None),
-        ServiceSpec("simulate", sim_args, s.simulator, restart=options.duration_s is None),
+        # The terminals start publishing once the bridge's subscription is in place.
+        ServiceSpec(
+            "simulate",
+            sim_args,
+            s.simulator,
+            restart=options.duration_s is None,
+            after=("ingest",),
+        ),
     ]
 
 

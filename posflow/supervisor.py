@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,9 @@ class ServiceSpec:
     metrics_port: int | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     restart: bool = True  # False for a job that is expected to end (e.g. a bounded simulation)
+    # Started only once each of these answers 200 on its /readyz (their metrics ports):
+    # the simulator waits for the bridge's subscription, or its first messages go nowhere.
+    after: Sequence[str] = ()
 
 
 @dataclass
@@ -49,6 +53,7 @@ class _Running:
     restart_at: float | None = None
     exit_codes: list[int] = field(default_factory=list)
     finished: bool = False
+    waiting: bool = False  # not started yet: a service in ``after`` is not ready
 
 
 class Supervisor:
@@ -73,13 +78,41 @@ class Supervisor:
     # --- lifecycle --------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start every service; one with ``after`` once those are ready (see :meth:`poll`)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for running in self.services.values():
-            self._spawn(running)
+            if running.spec.after:
+                running.waiting = True
+            else:
+                self._spawn(running)
+        self._start_ready()
+
+    def waiting(self) -> list[str]:
+        """Services not started yet because what they come after is not ready."""
+        return [name for name, r in self.services.items() if r.waiting]
+
+    def _ready(self, name: str) -> bool:
+        port = self.services[name].spec.metrics_port
+        if port is None:
+            return self.services[name].proc is not None
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=0.5) as r:
+                return int(r.status) == 200
+        except OSError:
+            return False
+
+    def _start_ready(self) -> None:
+        for name, running in self.services.items():
+            if running.waiting and all(self._ready(dep) for dep in running.spec.after):
+                running.waiting = False
+                self._spawn(running)
+                self.on_event(f"{name} started ({', '.join(running.spec.after)} ready)")
 
     def poll(self) -> None:
         """Notice exits and restart what should run; call it about once a second."""
         now = time.monotonic()
+        if not self.stopping:
+            self._start_ready()
         for running in self.services.values():
             proc = running.proc
             if proc is not None and proc.poll() is not None:

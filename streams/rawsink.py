@@ -41,6 +41,7 @@ from posflow.kafkalag import ConsumerLag
 from posflow.security import refuse_dev_defaults
 from posflow.security.tls import kafka_ssl_options, postgres_dsn
 from posflow.settings import Settings
+from posflow.storage.deadletters import count_dead_letters
 from posflow.storage.maintenance import maintain
 from posflow.storage.migrate import StoragePath
 from posflow.storage.setup import prepare_database, retention_of
@@ -89,6 +90,11 @@ class RawSinkMetrics:
             "posflow_rawsink_dead_letters", "records sent to the dead-letter topic", ["reason"],
             registry=r,
         )  # fmt: skip
+        self.dead_letters_counted = Counter(
+            "posflow_rawsink_dead_letters_counted",
+            "dead-letter topic records newly counted into deadletter_counts",
+            registry=r,
+        )
         self.db_errors = Counter(
             "posflow_rawsink_db_errors", "failed batch writes (retried)", registry=r
         )
@@ -236,7 +242,8 @@ class RawSink:
         await asyncio.to_thread(self.db.connect)
         self.db_ok = True
         await self.producer.start()
-        self.consumer.subscribe([self.telemetry_topic, self.txn_topic])
+        # The dead-letter topic too: counted per minute and reason (deadletter_counts).
+        self.consumer.subscribe([self.telemetry_topic, self.txn_topic, self.deadletter_topic])
         await self.consumer.start()
         self.started = True
         log.info(
@@ -299,7 +306,10 @@ class RawSink:
         batch = None
         if records:
             batch = sort_records(
-                records, telemetry_topic=self.telemetry_topic, txn_topic=self.txn_topic
+                records,
+                telemetry_topic=self.telemetry_topic,
+                txn_topic=self.txn_topic,
+                deadletter_topic=self.deadletter_topic,
             )
         await self.finish_inflight()
         if batch is not None:
@@ -383,6 +393,8 @@ class RawSink:
                 lambda e: db.transactions.write(e),  # noqa: PLW0108
                 batch.transactions, refused, db,
             )  # fmt: skip
+            assert db.conn is not None  # noqa: S101 - connected above
+            counted = count_dead_letters(db.conn, batch.dead_letters)
             lsn = db.wal_insert_lsn()
         except psycopg.Error:
             db.close()  # reconnect, with fresh writers, on the next attempt
@@ -390,6 +402,7 @@ class RawSink:
         refused_tel = sum(1 for e, _ in refused if not isinstance(e.payload, Transaction))
         self.metrics.rows.labels("telemetry").inc(tel)
         self.metrics.rows.labels("transactions").inc(txn)
+        self.metrics.dead_letters_counted.inc(counted)
         self.metrics.replayed.labels("telemetry").inc(len(batch.telemetry) - refused_tel - tel)
         self.metrics.replayed.labels("transactions").inc(
             len(batch.transactions) - (len(refused) - refused_tel) - txn

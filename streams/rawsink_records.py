@@ -48,11 +48,18 @@ class Sorted:
     telemetry: list[IngestEnvelope] = field(default_factory=list)
     transactions: list[IngestEnvelope] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
+    dead_letters: list[Record] = field(default_factory=list)  # to count, per minute and reason
     # id(envelope) -> its record, to dead-letter a row the database refuses.
     origin: dict[int, Record] = field(default_factory=dict)
 
 
-def sort_records(records: Iterable[Record], *, telemetry_topic: str, txn_topic: str) -> Sorted:
+def sort_records(
+    records: Iterable[Record],
+    *,
+    telemetry_topic: str,
+    txn_topic: str,
+    deadletter_topic: str | None = None,
+) -> Sorted:
     """Parse each record as an ingest envelope of the kind its topic carries.
 
     A record is rejected if it is not a valid envelope (JSON, contract), holds a
@@ -62,6 +69,9 @@ def sort_records(records: Iterable[Record], *, telemetry_topic: str, txn_topic: 
     out = Sorted()
     expected = {telemetry_topic: Kind.TELEMETRY, txn_topic: Kind.TXN}
     for record in records:
+        if record.topic == deadletter_topic:
+            out.dead_letters.append(record)
+            continue
         raw = record.value or b""
         try:
             envelope = IngestEnvelope.from_json(raw)

@@ -272,6 +272,15 @@ async def test_sink_writes_exact_rows_once_dead_letters_bad_records_and_keeps_go
             ("malformed_json", None, env.topic("telemetry")),
             ("missing_field", "kind", env.topic("txn")),
         ]
+        # The sink reads its own dead letters back and counts them, per minute and reason.
+        await _wait(lambda: _query(env.pg, "SELECT coalesce(sum(count), 0)::int"
+                                           " FROM deadletter_counts") == [(3,)],
+                    30, "3 dead letters counted")  # fmt: skip
+        counted = _query(env.pg, "SELECT reason, sum(count)::int FROM deadletter_counts"
+                                 " GROUP BY 1 ORDER BY 1")  # fmt: skip
+        assert counted == [("invalid_value", 1), ("malformed_json", 1), ("missing_field", 1)]
+        buckets = {b for (b,) in _query(env.pg, "SELECT bucket FROM deadletter_counts")}
+        assert all(b.second == 0 and b.microsecond == 0 for b in buckets)
         raw = b"".join(await _read_all(env, "deadletter"))
         assert CARD.encode() not in raw
         assert b"4111111111111111" not in raw
@@ -405,3 +414,56 @@ async def test_a_row_the_database_refuses_is_dead_lettered_and_the_rest_of_its_b
         assert proc.wait(timeout=20) == 0
     finally:
         _kill(proc)
+
+
+def test_dead_letters_are_counted_once_however_often_a_batch_is_read(
+    pg: PostgresSettings,
+) -> None:
+    from aiokafka.structs import ConsumerRecord
+
+    from posflow.contracts import DeadLetter, Reason
+    from posflow.storage import migrate
+    from posflow.storage.deadletters import count_dead_letters
+
+    at = datetime(2026, 12, 2, 10, 15, 42, tzinfo=UTC)
+
+    def record(offset: int, reason: Reason, seconds: int = 0) -> ConsumerRecord[bytes, bytes]:
+        letter = DeadLetter(reason=reason, message="x", original_topic="pos/v1/M/T/telemetry",
+                            received_at=at + timedelta(seconds=seconds), payload_redacted="{",
+                            payload_size=1)  # fmt: skip
+        return ConsumerRecord(
+            topic="p.deadletter.v1", partition=offset % 2, offset=offset, timestamp=0,
+            timestamp_type=0, key=None, value=letter.to_json(), checksum=None,
+            serialized_key_size=0, serialized_value_size=0, headers=(),
+        )  # fmt: skip
+
+    first = [record(0, Reason.MALFORMED_JSON), record(1, Reason.CARD_DATA),
+             record(2, Reason.MALFORMED_JSON, 30), record(3, Reason.CARD_DATA, 60)]  # fmt: skip
+    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+        migrate(conn)
+        assert count_dead_letters(conn, first) == 4
+        assert count_dead_letters(conn, first) == 0  # re-read after a crash: nothing added
+        # A rebalance re-reads part of it, with one new record per partition.
+        more = [first[2], first[3], record(4, Reason.MALFORMED_JSON), record(5, Reason.CARD_DATA)]
+        assert count_dead_letters(conn, more) == 2
+        rows = conn.execute(
+            "SELECT bucket, reason, count FROM deadletter_counts ORDER BY 1, 2"
+        ).fetchall()
+        not_a_letter = ConsumerRecord(
+            topic="p.deadletter.v1", partition=0, offset=6, timestamp=1_796_220_000_000,
+            timestamp_type=0, key=None, value=b"not json", checksum=None,
+            serialized_key_size=0, serialized_value_size=0, headers=(),
+        )  # fmt: skip
+        assert count_dead_letters(conn, [not_a_letter]) == 1
+        unreadable = conn.execute(
+            "SELECT count FROM deadletter_counts WHERE reason = 'unreadable'"
+        ).fetchall()
+    minute = at.replace(second=0)
+    nxt = minute + timedelta(minutes=1)
+    assert rows == [  # 10:15:42 (+0 s) and 10:16:12 / 10:16:42 (+30 s, +60 s)
+        (minute, "card_data", 2),  # offsets 1 and 5
+        (minute, "malformed_json", 2),  # offsets 0 and 4
+        (nxt, "card_data", 1),  # offset 3
+        (nxt, "malformed_json", 1),  # offset 2
+    ]
+    assert unreadable == [(1,)]

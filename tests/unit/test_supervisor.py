@@ -106,3 +106,49 @@ def test_stop_terminates_the_whole_process_group(tmp_path: Path) -> None:
             continue
         raise AssertionError(f"process {pid} still alive")
     assert sup.exit_codes("a") == [-signal.SIGTERM]
+
+
+def test_a_service_with_after_starts_only_once_those_answer_ready(tmp_path: Path) -> None:
+    import http.server
+    import threading
+
+    state = {"ready": False}
+
+    class Readyz(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if state["ready"] else 503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Readyz)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    events: list[str] = []
+    sup = Supervisor(
+        [ServiceSpec("bridge", ["-1"], port), ServiceSpec("fleet", ["-1"], after=("bridge",))],
+        log_dir=tmp_path, on_event=events.append, program=_PROGRAM,
+    )  # fmt: skip
+    sup.start()
+    try:
+        assert sup.pid("bridge") is not None
+        for _ in range(5):  # the bridge answers 503: the fleet waits
+            sup.poll()
+            time.sleep(0.05)
+        assert sup.pid("fleet") is None
+        assert sup.waiting() == ["fleet"]
+        state["ready"] = True
+
+        def started() -> bool:
+            sup.poll()
+            return sup.pid("fleet") is not None
+
+        _wait(started)
+        assert sup.waiting() == []
+        assert events == ["fleet started (bridge ready)"]
+    finally:
+        sup.stop(timeout_s=5)
+        server.shutdown()
+        server.server_close()
