@@ -128,7 +128,7 @@ class KafkaService(StackService):
         )
         (self.dir / "log4j2.properties").write_text(_LOG4J2.format(log=self.dir / "server.log"))
         if not (data / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = _cluster_id()
             self._run_tool(
                 ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", "server.properties"]
             )
@@ -228,3 +228,13 @@ async def ensure_topics(settings: Settings, extra: Sequence[TopicSpec] = ()) -> 
         return [t.name for t in wanted]
     finally:
         await admin.close()
+
+
+def _cluster_id() -> str:
+    """A KRaft cluster id as Kafka makes them (a UUID, URL-safe base64), never starting
+    with '-': the storage tool's argument parser takes "-t -Xyz..." for an option (1 in
+    64 random ids did that and failed the format)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id

@@ -122,3 +122,12 @@ def test_wait_until_stops_early_when_the_process_died() -> None:
 
     assert wait_until(probe, timeout_s=30, alive=lambda: False) is False
     assert len(calls) == 1  # one poll, then it gives up: no 30 s wait
+
+
+def test_kafka_cluster_ids_never_start_with_a_dash() -> None:
+    from posflow.stack.kafka import _cluster_id
+
+    ids = [_cluster_id() for _ in range(5000)]  # ~78 would start with "-" unfiltered
+    assert all(not i.startswith("-") for i in ids)
+    assert all(len(i) == 22 for i in ids)
+    assert len(set(ids)) == len(ids)
