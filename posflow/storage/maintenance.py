@@ -87,9 +87,16 @@ def maintain(
         created = ensure_partitions(conn, today=now.date())
         watermark = refresh_hourly_rollup(conn, now=now)
         dropped = drop_expired_partitions(conn, retention, today=now.date())
-    finally:
+        # On a connection outside autocommit the work is one open transaction: it must be
+        # committed while the lock is still held. (It used to be rolled back here and the
+        # lock released, so the next service created the same partitions again.)
+        if not conn.autocommit:
+            conn.commit()
+    except BaseException:
         if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             conn.rollback()
+        raise
+    finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", [_LOCK_KEY])
         if not conn.autocommit:
             conn.commit()
