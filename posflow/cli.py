@@ -14,6 +14,7 @@ from rich.table import Table
 
 from posflow.errors import PosflowError
 from posflow.settings import Settings
+from simulator.cli import AlwaysOpen, Merchants, TxnScale
 
 if TYPE_CHECKING:
     import psycopg
@@ -184,19 +185,9 @@ def demo(  # noqa: PLR0917 - typer options
         str, typer.Option(help="fault scenario: a shipped name or a .yaml path")
     ] = "demo",
     fleet: Annotated[str, typer.Option(help="fleet name: prefix of every id")] = "demo",
-    merchants: Annotated[
-        int | None, typer.Option(min=1, help="merchants sharing the terminals (default: n/10)")
-    ] = None,
-    txn_scale: Annotated[
-        float, typer.Option(min=0, help="x the realistic payment rates of the fleet")
-    ] = 1.0,
-    always_open: Annotated[
-        bool,
-        typer.Option(
-            "--always-open/--opening-hours",
-            help="every shop at its peak hour (else payments follow each shop's local hours)",
-        ),
-    ] = False,
+    merchants: Merchants = None,  # default: one per ten terminals
+    txn_scale: TxnScale = 1.0,
+    always_open: AlwaysOpen = False,
     summary_json: Annotated[
         Path | None, typer.Option(help="also write the summary as JSON here")
     ] = None,

@@ -142,19 +142,6 @@ class Watcher:
         self.previous = snap
         return snap
 
-    def stored_rows(self) -> dict[str, int]:
-        """The fleet's raw rows in the database: telemetry readings and payments."""
-        terminals = f"T-{self.fleet}-%" if self.fleet else "%"
-        with psycopg.connect(self.dsn, connect_timeout=3) as conn:
-            out = {}
-            for table in ("telemetry", "transactions"):
-                row = conn.execute(
-                    f"SELECT count(*) FROM {table} WHERE terminal_id LIKE %s",  # noqa: S608 - fixed names
-                    [terminals],
-                ).fetchone()
-                out[table] = int(row[0]) if row else 0
-            return out
-
     def _query(self, snap: Snapshot) -> None:
         with psycopg.connect(self.dsn, connect_timeout=3) as conn:
             terminals = f"T-{self.fleet}-%" if self.fleet else "%"

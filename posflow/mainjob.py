@@ -35,6 +35,7 @@ from posflow.errors import PosflowError
 from posflow.feedclient import FeedClient
 from posflow.settings import Settings
 from posflow.supervisor import ServiceSpec, Supervisor
+from simulator.accounting import expected_rows, wait_for_rows
 
 __all__ = ["MainJobOptions", "Summary", "run_main"]
 
@@ -407,7 +408,11 @@ def _finish(
     console.print("draining the pipeline ...", highlight=False)
     snap = _drain(watcher, options.drain_s)
     counts = _sim_counts(log_dir)
-    expected, stored = _stored(watcher, counts, options.drain_s)
+    expected = stored = 0
+    if counts is not None:
+        expected = expected_rows(counts)
+        stored = max(0, wait_for_rows(watcher.dsn, options.fleet_id, expected,
+                                      timeout_s=options.drain_s, still_s=2.0))  # fmt: skip
     sup.stop()
     published = snap.stage_totals.get("published (MQTT)", 0.0)
     received = snap.stage_totals.get("received from MQTT", 0.0)
@@ -450,33 +455,6 @@ def _sim_counts(log_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data
-
-
-def _stored(watcher: Watcher, counts: dict[str, Any] | None, drain_s: float) -> tuple[int, int]:
-    """(rows expected, rows stored) for the fleet's telemetry and payments, once the raw
-    sink has caught up (or has stopped moving, or ``drain_s`` has passed)."""
-    import psycopg
-
-    if counts is None:
-        return 0, 0
-    sent = counts["published"]
-    expected = (
-        int(sent.get("telemetry", 0))
-        + int(sent.get("txn", 0))
-        - int(counts["expected_dead_letters"])
-        - int(counts["duplicates"])
-    )
-    deadline = time.monotonic() + drain_s
-    stored, before = 0, -1
-    while True:
-        try:
-            stored = sum(watcher.stored_rows().values())
-        except psycopg.Error:
-            stored = before
-        if stored >= expected or time.monotonic() > deadline or stored == before:
-            return expected, max(stored, 0)
-        before = stored
-        time.sleep(2.0)
 
 
 def _drain(watcher: Watcher, drain_s: float) -> Snapshot:

@@ -13,6 +13,7 @@ import re
 import time
 from array import array
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,13 +22,56 @@ from simulator.engine import EXPECT_DUPLICATE, EXPECT_OK, Message
 __all__ = [
     "KafkaSeen",
     "Recorder",
+    "expected_rows",
     "parse_deadletter",
     "parse_envelope",
     "percentiles",
     "reconcile",
+    "wait_for_rows",
 ]
 
 _OK, _DUP = 0, 1
+
+
+def expected_rows(counts: Mapping[str, Any]) -> int:
+    """Readings and payments the database must hold after a run: those published
+    (``SimMetrics.counts()``), less the expected dead letters and deliberate duplicates."""
+    sent = counts["published"]
+    return (
+        int(sent.get("telemetry", 0))
+        + int(sent.get("txn", 0))
+        - int(counts["expected_dead_letters"])
+        - int(counts["duplicates"])
+    )
+
+
+def wait_for_rows(dsn: str, fleet: str, expected: int, *, timeout_s: float, still_s: float) -> int:
+    """The fleet's rows in ``telemetry`` + ``transactions`` once the raw sink has them all,
+    has not moved for ``still_s``, or ``timeout_s`` passed (-1: the database never answered)."""
+    import psycopg
+
+    like = f"T-{fleet}-%"
+    query = (
+        b"SELECT (SELECT count(*) FROM telemetry WHERE terminal_id LIKE %s)"
+        b" + (SELECT count(*) FROM transactions WHERE terminal_id LIKE %s)"
+    )
+    start = time.monotonic()
+    stored, still_since = -1, start
+    while True:
+        try:
+            with psycopg.connect(dsn, autocommit=True, connect_timeout=3) as conn:
+                row = conn.execute(query, (like, like)).fetchone()
+            now_stored = int(row[0]) if row else 0
+        except psycopg.Error:
+            now_stored = stored
+        now = time.monotonic()
+        if now_stored != stored:
+            stored, still_since = now_stored, now
+        if stored >= expected or now - start > timeout_s or now - still_since > still_s:
+            return stored
+        time.sleep(min(1.0, still_s / 2))
+
+
 _TERMINAL = re.compile(rb'"terminal_id":"([^"]+)"')
 _SEQ = re.compile(rb'"seq":(\d+)')
 _SEQ_TEXT = re.compile(r'"seq":\s*(\d+)')

@@ -12,7 +12,7 @@ import typer
 if TYPE_CHECKING:
     from simulator.fleet import Fleet
 
-__all__ = ["register"]
+__all__ = ["AlwaysOpen", "Merchants", "TxnScale", "register"]
 
 Terminals = Annotated[int, typer.Option("--terminals", "-n", min=1, help="fleet size")]
 FleetName = Annotated[str, typer.Option("--fleet", help="fleet name: prefix of every id")]
@@ -20,6 +20,15 @@ Merchants = Annotated[
     int | None,
     typer.Option(
         "--merchants", min=1, help="share the terminals among exactly this many merchants"
+    ),
+]
+# Shared by `posflow simulate`, `posflow loadtest` and `posflow demo`.
+TxnScale = Annotated[float, typer.Option(min=0, help="x the realistic payment rates")]
+AlwaysOpen = Annotated[
+    bool,
+    typer.Option(
+        "--always-open/--opening-hours",
+        help="every shop at its peak hour (else payments follow each shop's local hours)",
     ),
 ]
 
@@ -95,16 +104,8 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one nested function p
             float, typer.Option(min=0.001, help="simulated seconds per wall second")
         ] = 1.0,
         telemetry_s: Annotated[int, typer.Option(help="telemetry (heartbeat) interval")] = 30,
-        txn_scale: Annotated[
-            float, typer.Option(min=0, help="x the realistic payment rates")
-        ] = 1.0,
-        always_open: Annotated[
-            bool,
-            typer.Option(
-                "--always-open/--opening-hours",
-                help="every shop at its peak hour (else payments follow local opening hours)",
-            ),
-        ] = False,
+        txn_scale: TxnScale = 1.0,
+        always_open: AlwaysOpen = False,
         ramp: Annotated[
             float | None, typer.Option(help="terminals coming online per second")
         ] = None,
@@ -182,7 +183,7 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one nested function p
         duration: Annotated[float, typer.Option("--duration", "-d", help="run seconds")] = 60,
         ramp: Annotated[float, typer.Option(help="terminals coming online per second")] = 500,
         telemetry_s: Annotated[int, typer.Option(help="telemetry interval per terminal")] = 10,
-        txn_scale: Annotated[float, typer.Option(help="x the realistic payment rates")] = 1.0,
+        txn_scale: TxnScale = 1.0,
         max_real: Annotated[int, typer.Option(help="terminals with their own connection")] = 19_000,
         gateways: Annotated[int, typer.Option(help="multiplexed connections for the rest")] = 8,
         scenario: Annotated[str | None, typer.Option(help="fault scenario")] = None,

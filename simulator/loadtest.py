@@ -24,7 +24,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from posflow.settings import KafkaSettings, PostgresSettings, Settings
 from posflow.stack import Stack, ensure_topics
-from simulator.accounting import KafkaSeen, Recorder, percentiles, reconcile
+from simulator.accounting import (
+    KafkaSeen,
+    Recorder,
+    expected_rows,
+    percentiles,
+    reconcile,
+    wait_for_rows,
+)
 from simulator.engine import Run
 from simulator.fleet import build_fleet
 from simulator.metrics import SimMetrics
@@ -104,29 +111,6 @@ async def read_back(
     finally:
         await consumer.stop()
     return seen
-
-
-async def _stored_rows(
-    settings: Settings, terminals: list[str], expected: int, seconds: float
-) -> int:
-    """The fleet's telemetry + transaction rows, once the sink has them all (or has stopped
-    moving for 10 s, or ``seconds`` passed)."""
-    query = (
-        b"SELECT (SELECT count(*) FROM telemetry WHERE terminal_id = ANY(%s))"
-        b" + (SELECT count(*) FROM transactions WHERE terminal_id = ANY(%s))"
-    )
-    deadline = time.monotonic() + seconds
-    last, still_since = -1, time.monotonic()
-    while True:
-        with psycopg.connect(settings.postgres.dsn(), autocommit=True) as conn:
-            row = conn.execute(query, (terminals, terminals)).fetchone()
-        stored = int(row[0]) if row else 0
-        now = time.monotonic()
-        if stored != last:
-            last, still_since = stored, now
-        if stored >= expected or now > deadline or now - still_since > 10:
-            return stored
-        await asyncio.sleep(1)
 
 
 def _sink_latency(port: int) -> dict[str, Any]:
@@ -354,16 +338,15 @@ async def _run(  # noqa: PLR0915 - one straight sequence of steps
         seen = await read_back(lt_settings.kafka, set(ids.values()), expected, opts.readback_s)
         console.print(f"read back in {time.monotonic() - t:.1f} s")
         await asyncio.sleep(3)  # let the health worker's sink flush
-        expected_rows = (
-            metrics.published["telemetry"] + metrics.published["txn"]
-            - metrics.expected_dead_letters - metrics.duplicates
-        )  # fmt: skip
-        console.print(f"waiting for the raw sink: {expected_rows:,} rows expected")
-        stored = await _stored_rows(lt_settings, list(ids.values()), expected_rows, 120)
+        expected = expected_rows(metrics.counts())
+        console.print(f"waiting for the raw sink: {expected:,} rows expected")
+        stored = await asyncio.to_thread(
+            wait_for_rows, lt_settings.postgres.dsn(), name, expected, timeout_s=120, still_s=10
+        )
         db_stats = _db_stats(lt_settings, list(ids.values()), rec)
-        db_stats["expected_rows"] = expected_rows
+        db_stats["expected_rows"] = expected
         db_stats["stored_rows"] = stored
-        db_stats["lost_before_database"] = max(0, expected_rows - stored)
+        db_stats["lost_before_database"] = max(0, expected - stored)
         db_stats["latency_publish_to_database_ms"] = _sink_latency(pipeline.ports["sink"])
         died = pipeline.exited()  # any before the stop below is a failure of the run
     finally:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import psycopg
@@ -36,8 +36,6 @@ def _reason_and_minute(record: DeadLetterRecord) -> tuple[datetime, str]:
         at, reason = letter.received_at, letter.reason.value
     except (ContractError, ValueError):
         # Not a dead letter of ours (another producer): counted, under its Kafka time.
-        from datetime import UTC
-
         at, reason = datetime.fromtimestamp(record.timestamp / 1000, UTC), "unreadable"
     return at.replace(second=0, microsecond=0), reason
 

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -9,6 +11,7 @@ from psycopg import sql
 
 from posflow.settings import PostgresSettings, Settings
 from posflow.stack import Stack
+from posflow.stack._process import _CHILDREN
 from tests.conftest import unique
 
 
@@ -39,3 +42,14 @@ def pg(settings: Settings, stack: Stack) -> Iterator[PostgresSettings]:
             if attempt == 9:
                 raise
             time.sleep(0.5)
+
+
+def stop_own_mosquitto(stack: Stack, directory: Path) -> None:
+    """Stop a test's own Mosquitto (not the shared stack's), reap its process (no zombie,
+    no ResourceWarning) and remove its stack directory."""
+    stack.down(["mosquitto"])
+    conf = str(stack.mosquitto.dir / "mosquitto.conf")
+    for child in _CHILDREN:
+        if isinstance(child.args, list) and child.args[-1] == conf:
+            child.wait(timeout=10)
+    shutil.rmtree(directory, ignore_errors=True)

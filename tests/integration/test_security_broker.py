@@ -7,7 +7,6 @@ is never touched; it is stopped at the end.
 
 from __future__ import annotations
 
-import shutil
 import socket
 import ssl
 import tempfile
@@ -23,9 +22,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from posflow.security.pki import Pki
 from posflow.settings import MosquittoSettings, SecuritySettings, Settings, StackSettings
 from posflow.stack import Stack
-from posflow.stack._process import _CHILDREN, port_answers
+from posflow.stack._process import port_answers
 from posflow.stack.mosquitto import MosquittoService
 from tests.conftest import free_port, unique
+from tests.integration.conftest import stop_own_mosquitto
 
 # MQTT 3.1.1 CONNECT: clean session, keep-alive 30 s, empty client id.
 _CONNECT = bytes([0x10, 12, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 30, 0, 0])
@@ -59,12 +59,7 @@ def broker() -> Iterator[Broker]:
     try:
         yield Broker(settings, service, Pki.from_settings(settings))
     finally:
-        stack.down(["mosquitto"])
-        conf = str(service.dir / "mosquitto.conf")
-        for child in _CHILDREN:  # reap the stopped broker (no zombie, no ResourceWarning)
-            if isinstance(child.args, list) and child.args[-1] == conf:
-                child.wait(timeout=10)
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_own_mosquitto(stack, tmp)
 
 
 def _tls_probe(broker: Broker, ctx: ssl.SSLContext) -> bytes:
@@ -271,9 +266,4 @@ def test_production_layout_has_no_password_listener_and_services_use_certificate
                 client.disconnect()
         assert received == [f"pos/v1/{merchant}/{terminal}/status"]
     finally:
-        stack.down(["mosquitto"])
-        conf = str(stack.mosquitto.dir / "mosquitto.conf")
-        for child in _CHILDREN:
-            if isinstance(child.args, list) and child.args[-1] == conf:
-                child.wait(timeout=10)
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_own_mosquitto(stack, tmp)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from posflow.settings import (
     StackSettings,
 )
 from posflow.stack import Stack, ensure_topics
-from posflow.stack._process import _CHILDREN, port_answers
+from posflow.stack._process import port_answers
 from simulator.accounting import Recorder, reconcile
 from simulator.engine import Run
 from simulator.fleet import build_fleet
@@ -44,6 +43,7 @@ from simulator.register import register_fleet
 from simulator.runner import drive
 from simulator.scenarios import Fault, Scenario, Target
 from tests.conftest import ROOT, free_port, unique
+from tests.integration.conftest import stop_own_mosquitto
 
 pytestmark = pytest.mark.slow
 
@@ -71,12 +71,7 @@ def production(settings: Settings, pg: PostgresSettings, stack: Stack) -> Iterat
     try:
         yield prod
     finally:
-        own.down(["mosquitto"])
-        conf = str(own.mosquitto.dir / "mosquitto.conf")
-        for child in _CHILDREN:
-            if isinstance(child.args, list) and child.args[-1] == conf:
-                child.wait(timeout=10)
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_own_mosquitto(own, tmp)
 
 
 def _env(s: Settings, metrics_port: int) -> dict[str, str]:

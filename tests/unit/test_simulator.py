@@ -19,7 +19,13 @@ from posflow.contracts import Accepted, Rejected, validate_message
 from posflow.contracts.money import FeePlan, SettlementRule
 from posflow.errors import PosflowError
 from posflow.settings import ServicePorts, Settings
-from simulator.accounting import KafkaSeen, Recorder, parse_deadletter, reconcile
+from simulator.accounting import (
+    KafkaSeen,
+    Recorder,
+    expected_rows,
+    parse_deadletter,
+    reconcile,
+)
 from simulator.behaviour import DECLINE_CODES
 from simulator.engine import Message, Run
 from simulator.fleet import CATEGORIES, build_fleet
@@ -471,3 +477,6 @@ def test_the_counts_file_says_what_the_metrics_say() -> None:
     assert counts["published"] == {k: kinds[k] for k in ("telemetry", "txn", "status")}
     assert counts["duplicates"] == sum(1 for m in messages if m.expect == "dup") > 0
     assert counts["terminals"] == 4
+    # What the database must hold: readings and payments, each duplicate once.
+    dups = counts["duplicates"]
+    assert expected_rows(counts) == kinds["telemetry"] + kinds["txn"] - dups
