@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -70,6 +70,8 @@ class Bridge:
         }
         self.deadletter_topic = f"{prefix}.deadletter.v1"
         self._max_inflight = cfg.max_inflight
+        self._clock_ahead = timedelta(seconds=cfg.clock_ahead_s)
+        self._clock_behind = timedelta(seconds=cfg.clock_behind_s)
         self._queue: collections.deque[PendingRecord] = collections.deque()
         self._driver: LoopDriver | None = None
         self._acks: list[int] = []
@@ -186,6 +188,8 @@ class Bridge:
             received_at=datetime.now(UTC),
             mqtt_mid=mid,
             max_bytes=self.settings.ingest.max_payload_bytes,
+            clock_ahead=self._clock_ahead,
+            clock_behind=self._clock_behind,
         )
         if isinstance(result, Accepted):
             envelope = result.envelope

@@ -133,6 +133,14 @@ class IngestSettings(_Section):
         default=2000, ge=1, le=65535, description="messages received but not yet acked by Kafka"
     )
     max_payload_bytes: int = Field(default=65_536, ge=256)
+    clock_ahead_s: int = Field(
+        default=24 * 3600, ge=60, description="refuse a payload ts further ahead of receipt"
+    )
+    clock_behind_s: int = Field(
+        default=30 * 86400,
+        ge=3600,
+        description="refuse a payload ts further behind receipt (store-and-forward allowance)",
+    )
     session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0)
     linger_ms: int = Field(default=5, ge=0, description="Kafka producer batching delay")
     drain_timeout_s: float = Field(default=30.0, gt=0)
@@ -150,6 +158,11 @@ class StreamsSettings(_Section):
     grace_s: int = Field(default=10, ge=0, description="how late a message may be for its window")
     offline_factor: float = Field(default=3.0, gt=1, description="silent > K x heartbeat: offline")
     drain_span_s: int = Field(default=1800, ge=60, description="battery drain-rate span")
+    max_ahead_s: int = Field(
+        default=24 * 3600,
+        ge=60,
+        description="event times further ahead of the worker's clock go to the dead-letter topic",
+    )
     tick_s: float = Field(default=1.0, gt=0, description="offline / window-close timer period")
     batch_max: int = Field(default=2000, ge=1, description="events processed per batch")
     batch_within_s: float = Field(default=0.05, gt=0, description="max wait to fill a batch")

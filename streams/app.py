@@ -22,12 +22,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import faust
 import orjson
 
+from posflow.contracts import DeadLetter, Reason
 from posflow.kafkalag import ConsumerLag
 from posflow.security.tls import kafka_ssl_options, postgres_dsn
 from posflow.settings import Settings
@@ -38,6 +39,7 @@ from streams.window import (
     WindowConfig,
     check_offline,
     close_due,
+    heal,
     new_state,
     on_status,
     on_telemetry,
@@ -54,6 +56,21 @@ def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
 
+def _event_time(event: dict[str, Any], now: float, cfg: WindowConfig) -> float | str:
+    """The event's time in epoch seconds, or why it can't be used."""
+    body = event if event["kind"] == "txn" else event["payload"]
+    try:
+        ts = _epoch(body["ts"])
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return f"field ts: {str(body.get('ts'))[:40]!r} is not an RFC 3339 timestamp"
+    if ts > now + cfg.max_ahead_s:
+        return (
+            f"field ts: {body['ts']} is more than {cfg.max_ahead_s} s ahead of the worker's "
+            "clock; refused so it cannot hold the terminal's windows open"
+        )
+    return ts
+
+
 @dataclass
 class HealthApp:
     """The faust app and what its agents share."""
@@ -64,6 +81,8 @@ class HealthApp:
     sink: HealthSink
     cfg: WindowConfig
     outbox: list[tuple[bytes, bytes]] = field(default_factory=list)
+    # Records refused with their reason, for the dead-letter topic (key, dead letter).
+    refused: list[tuple[bytes, bytes]] = field(default_factory=list)
     # States changed since the last offset commit: written to the table (and so to its
     # changelog) once per commit, not once per batch; see FlushBeforeCommit.
     dirty: dict[bytes, State] = field(default_factory=dict)
@@ -88,21 +107,24 @@ class HealthApp:
         for value in batch:
             event = orjson.loads(value)
             kind, terminal = event["kind"], event["terminal_id"]
+            ts = _event_time(event, now, self.cfg)
+            if isinstance(ts, str):
+                self._refuse(terminal, kind, value, ts)
+                continue
             state = touched.get(terminal)
             if state is None:
                 state = self.state_of(table, terminal.encode()) or new_state(
                     terminal, event["merchant_id"]
                 )
+                self._heal(state, now)
                 touched[terminal] = state
             late = state["late"]
             if kind == "telemetry":
-                payload = event["payload"]
-                outcome = on_telemetry(state, payload, _epoch(payload["ts"]), now, self.cfg)
+                outcome = on_telemetry(state, event["payload"], ts, now, self.cfg)
             elif kind == "txn":
-                outcome = on_txn(state, event, _epoch(event["ts"]), now, self.cfg)
+                outcome = on_txn(state, event, ts, now, self.cfg)
             else:
-                payload = event["payload"]
-                outcome = on_status(state, payload, _epoch(payload["ts"]), now)
+                outcome = on_status(state, event["payload"], ts, now)
             self.metrics.events.labels(kind).inc()
             if state["late"] > late:  # also when a late message brought it back online
                 self.metrics.late.inc()
@@ -123,6 +145,7 @@ class HealthApp:
             if state is None:
                 continue
             count += 1
+            self._heal(state, now)
             changed = check_offline(state, now, self.cfg)
             if changed:
                 self._state_change(state, "offline", now)
@@ -133,6 +156,31 @@ class HealthApp:
                 self.sink.add_state(state)
                 self.dirty[key] = state
         self.metrics.terminals.set(count)
+
+    def _refuse(self, terminal: str, kind: str, value: bytes, why: str) -> None:
+        self.metrics.refused.labels(Reason.IMPLAUSIBLE_TIMESTAMP.value).inc()
+        log.warning("%s record of terminal %s refused: %s", kind, terminal, why)
+        letter = DeadLetter(
+            reason=Reason.IMPLAUSIBLE_TIMESTAMP,
+            message=why,
+            field="ts",
+            original_topic=f"{self.settings.kafka.topic_prefix}.{kind}.v1",
+            received_at=datetime.now(UTC),
+            payload_redacted=value[:4096].decode("utf-8", "replace"),
+            payload_size=len(value),
+        )
+        self.refused.append((terminal.encode(), letter.to_json()))
+
+    def _heal(self, state: State, now: float) -> None:
+        dropped = heal(state, now, self.cfg)
+        if dropped:
+            log.warning(
+                "terminal %s: dropped %d window(s) more than %d s in the future from its "
+                "restored state",
+                state["terminal_id"],
+                dropped,
+                self.cfg.max_ahead_s,
+            )
 
     def _publish_closed(self, state: State, closed: list[dict[str, Any]]) -> None:
         for record in closed:
@@ -246,6 +294,7 @@ def build(settings: Settings) -> HealthApp:
         grace_s=s.grace_s,
         offline_factor=s.offline_factor,
         drain_span_s=s.drain_span_s,
+        max_ahead_s=s.max_ahead_s,
     )
     health = HealthApp(settings, app, metrics, HealthSink(postgres_dsn(settings), metrics), cfg)
     health.table = table
@@ -255,11 +304,16 @@ def build(settings: Settings) -> HealthApp:
 
     health.publish_to = send_health
 
+    deadletters = app.topic(f"{prefix}.deadletter.v1", key_serializer="raw", value_serializer="raw")
+
     async def publish() -> None:
         outbox, health.outbox = health.outbox, []
         sender = health.publish_to or send_health
         for key, value in outbox:
             await sender(key, value)
+        refused, health.refused = health.refused, []
+        for key, value in refused:
+            await deadletters.send(key=key, value=value)
 
     @app.agent(txn_in, name="txn-router")
     async def route_txn(stream: Any) -> None:

@@ -35,4 +35,10 @@ class StreamMetrics:
             registry=r,
         )
         self.sink_rows = Counter("posflow_streams_sink_rows", "rows written", ["table"], registry=r)
+        self.refused = Counter(
+            "posflow_streams_refused",
+            "records refused to the dead-letter topic (reason: implausible_timestamp, ...)",
+            ["reason"],
+            registry=r,
+        )
         self.terminals = Gauge("posflow_streams_terminals", "terminals in local state", registry=r)

@@ -53,6 +53,7 @@ __all__ = [
     "WindowConfig",
     "check_offline",
     "close_due",
+    "heal",
     "new_state",
     "on_status",
     "on_telemetry",
@@ -73,6 +74,9 @@ class WindowConfig:
     grace_s: int = 10
     offline_factor: float = 3.0
     drain_span_s: int = 1800
+    # Event times further ahead of the worker's clock are refused (the bridge refuses them
+    # first; this guards state against records that did not come through it).
+    max_ahead_s: int = 24 * 3600
 
 
 def new_state(terminal_id: str, merchant_id: str) -> State:
@@ -342,6 +346,27 @@ def _record(
             "late": late,
         },
     }
+
+
+def heal(state: State, now: float, cfg: WindowConfig) -> int:
+    """Drop windows too far ahead of ``now`` from a state restored from the changelog.
+
+    A state written before the edge refused far-future timestamps may hold a window in
+    the year 9999, whose end is beyond what a datetime holds: closing it crashed the
+    worker on every restart. Returns how many windows were dropped.
+    """
+    limit = now + cfg.max_ahead_s
+    if state["watermark"] <= limit:
+        return 0
+    bad = [key for key in state["windows"] if int(key) > limit]
+    for key in bad:
+        del state["windows"][key]
+    state["watermark"] = min(state["watermark"], limit)
+    state["closed_upto"] = min(state["closed_upto"], limit)
+    current = state["current"]
+    if current.get("ts", 0.0) > limit:
+        current["ts"] = limit
+    return len(bad)
 
 
 def open_records(state: State, cfg: WindowConfig) -> list[dict[str, Any]]:

@@ -52,6 +52,7 @@ class Reason(StrEnum):
 
     NOT_UTF8 = "not_utf8"
     MALFORMED_JSON = "malformed_json"
+    DUPLICATE_KEY = "duplicate_key"
     OVERSIZE = "oversize"
     UNKNOWN_TOPIC = "unknown_topic"
     UNSUPPORTED_VERSION = "unsupported_version"
@@ -62,6 +63,7 @@ class Reason(StrEnum):
     UNKNOWN_CURRENCY = "unknown_currency"
     OUT_OF_RANGE = "out_of_range"
     NAIVE_TIMESTAMP = "naive_timestamp"
+    IMPLAUSIBLE_TIMESTAMP = "implausible_timestamp"
     INVALID_VALUE = "invalid_value"
     IDENTITY_MISMATCH = "identity_mismatch"
     CARD_DATA = "card_data"

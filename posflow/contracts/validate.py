@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import NamedTuple
 
 from pydantic import ValidationError
@@ -22,9 +22,22 @@ from posflow.contracts.cardguard import find_card_data, identifier_runs, redact
 from posflow.contracts.records import PAYLOAD_PREVIEW_CHARS, DeadLetter, IngestEnvelope
 from posflow.contracts.terminal import Status, Telemetry, TerminalPayload, Transaction
 
-__all__ = ["DEFAULT_MAX_BYTES", "Accepted", "Rejected", "validate_message"]
+__all__ = [
+    "DEFAULT_CLOCK_AHEAD",
+    "DEFAULT_CLOCK_BEHIND",
+    "DEFAULT_MAX_BYTES",
+    "Accepted",
+    "Rejected",
+    "validate_message",
+]
 
 DEFAULT_MAX_BYTES = 65536
+# A terminal's clock may drift, and store-and-forward uploads payments hours or days late;
+# a timestamp outside these bounds of the bridge's own clock is a broken clock or a forgery.
+# Far-future times would poison every event-time window downstream (a year-9999 reading
+# crashed the health worker), so they stop here.
+DEFAULT_CLOCK_AHEAD = timedelta(hours=24)
+DEFAULT_CLOCK_BEHIND = timedelta(days=30)
 _HEX_PREVIEW_BYTES = 256
 # A cut through a card number must not leave its first digits behind, escaped or not.
 _TRAILING_DIGITS = re.compile(r"(?:[0-9 -]|\\u[0-9a-fA-F]{0,4}|\\)+\Z")
@@ -61,6 +74,8 @@ def validate_message(
     received_at: datetime,
     mqtt_mid: int | None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    clock_ahead: timedelta = DEFAULT_CLOCK_AHEAD,
+    clock_behind: timedelta = DEFAULT_CLOCK_BEHIND,
 ) -> Accepted | Rejected:
     """Validate one MQTT message against contract v1.
 
@@ -73,6 +88,15 @@ def validate_message(
     if mqtt_mid is not None and mqtt_mid < 0:
         raise ValueError(f"mqtt_mid must be >= 0 or None, got {mqtt_mid}")
     outcome = _check(topic, payload, max_bytes)
+    if not isinstance(outcome, _Problem):
+        outcome = _check_clock(
+            outcome,
+            topic,
+            payload,
+            received_at=received_at,
+            ahead=clock_ahead,
+            behind=clock_behind,
+        )
     if isinstance(outcome, _Problem):
         return Rejected(
             DeadLetter(
@@ -159,12 +183,99 @@ def _check_payload(
     except ValidationError as exc:
         error = _payload_error(exc, ref)
         return _Problem(error.reason, error.message, error.field, _text_preview(text), topic)
+    duplicate = _duplicate_key(text)
+    if duplicate is not None:
+        # pydantic (like most parsers) keeps the last value; another reader may keep the
+        # first. One object, two meanings: refuse it rather than pick one.
+        return _Problem(
+            Reason.DUPLICATE_KEY,
+            f"field {duplicate}: the key appears more than once in one JSON object; "
+            "send each field once",
+            duplicate,
+            _text_preview(text),
+            topic,
+        )
     mismatch = _identity_mismatch(parsed, ref)
     if mismatch is not None:
         return _Problem(
             mismatch.reason, mismatch.message, mismatch.field, _text_preview(text), topic
         )
     return ref, parsed
+
+
+class _DuplicateKeyError(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_pairs(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKeyError(key)
+            seen.add(key)
+    return result
+
+
+def _duplicate_key(text: str) -> str | None:
+    """The first key repeated within one JSON object of ``text`` (already known to parse)."""
+    try:
+        json.loads(text, object_pairs_hook=_unique_pairs)
+    except _DuplicateKeyError as exc:
+        return _show_key(exc.key)
+    except (ValueError, RecursionError):
+        return None  # the model's parser accepted it; nothing more to say here
+    return None
+
+
+def _show_key(key: str) -> str:
+    # Keys of an accepted payload are the contract's names, but a duplicate may be anything.
+    return redact(key)[:64]
+
+
+def _check_clock(
+    outcome: tuple[TopicRef, TerminalPayload],
+    topic: str,
+    payload: bytes,
+    *,
+    received_at: datetime,
+    ahead: timedelta,
+    behind: timedelta,
+) -> tuple[TopicRef, TerminalPayload] | _Problem:
+    ref, parsed = outcome
+    skew = parsed.ts - received_at
+    if -behind <= skew <= ahead:
+        return outcome
+    if skew > ahead:
+        where = f"{_span(skew)} ahead of"
+        limit = f"at most {_span(ahead)} ahead"
+    else:
+        where = f"{_span(-skew)} behind"
+        limit = f"at most {_span(behind)} behind"
+    text = payload.decode("utf-8", "replace")
+    return _Problem(
+        Reason.IMPLAUSIBLE_TIMESTAMP,
+        f"field ts: {parsed.ts.isoformat()} is {where} the time of receipt "
+        f"({received_at.isoformat(timespec='seconds')}); a terminal clock may be {limit}: "
+        "set the terminal's clock (NTP) and resend",
+        "ts",
+        _text_preview(text),
+        redact(topic, ignore=_identity_digits("", ref.terminal_id)),
+    )
+
+
+def _span(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    if seconds >= 2 * 86400:
+        return f"{seconds // 86400} days"
+    if seconds >= 2 * 3600:
+        return f"{seconds // 3600} hours"
+    if seconds >= 120:
+        return f"{seconds // 60} minutes"
+    return f"{seconds} s"
 
 
 def _unescape(text: str) -> str:

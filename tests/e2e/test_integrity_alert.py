@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -24,6 +25,9 @@ from simulator.runner import Pipeline
 from tests.conftest import unique
 from tests.integration._settlement_reference import envelope
 from tests.unit import samples
+
+# The bridge refuses clocks far from the time of receipt: payloads carry the run's time.
+NOW = datetime.now(UTC).isoformat()
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +57,7 @@ async def test_a_reused_txn_id_with_another_body_raises_a_ledger_integrity_alert
     try:
         pipeline.start(worker=False, settlement=True, alerts=True)
         txn_id = f"{terminal.terminal_id}:000001"
-        first = samples.txn(merchant_id=merchant, terminal_id=terminal.terminal_id,
+        first = samples.txn(ts=NOW, merchant_id=merchant, terminal_id=terminal.terminal_id,
                             txn_id=txn_id, amount_minor=1250,
                             currency=terminal.merchant.city.currency)  # fmt: skip
         other = {**first, "amount_minor": 9999}  # same id, another body

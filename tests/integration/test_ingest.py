@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -22,6 +23,9 @@ from posflow.settings import IngestSettings, KafkaSettings, ServicePorts, Settin
 from posflow.stack import Stack, ensure_topics
 from tests.conftest import ROOT, free_port, unique
 from tests.unit import samples
+
+# The bridge refuses clocks far from the time of receipt: payloads carry the run's time.
+NOW = datetime.now(UTC).isoformat()
 
 
 @pytest.fixture
@@ -128,7 +132,7 @@ async def test_messages_from_many_terminals_arrive_in_order_per_key(
     terminals = [f"T-{i:03d}" for i in range(20)]
     for seq in range(25):
         for terminal in terminals:
-            body = samples.telemetry(merchant_id=merchant, terminal_id=terminal, seq=seq)
+            body = samples.telemetry(ts=NOW, merchant_id=merchant, terminal_id=terminal, seq=seq)
             publisher.publish(f"pos/v1/{merchant}/{terminal}/telemetry", json.dumps(body))
     records = await consume(isolated, topic_of(isolated, "telemetry"), 500)
     by_key: dict[bytes, list[int]] = {}
@@ -145,6 +149,7 @@ async def test_transactions_are_keyed_by_merchant_and_keep_integer_money(
     merchant = merchant_of(isolated)
     for i in range(10):
         body = samples.txn(
+            ts=NOW,
             merchant_id=merchant,
             terminal_id=f"T-{i % 3}",
             txn_id=f"tx-{i}",
@@ -161,8 +166,8 @@ async def test_transactions_are_keyed_by_merchant_and_keep_integer_money(
 def _bad_inputs(merchant: str) -> list[tuple[str, str, bytes, str, str | None]]:
     """(case, topic, payload, expected reason, expected field)."""
     t = f"pos/v1/{merchant}/T-0001"
-    tele = samples.telemetry(merchant_id=merchant)
-    txn = samples.txn(merchant_id=merchant)
+    tele = samples.telemetry(ts=NOW, merchant_id=merchant)
+    txn = samples.txn(ts=NOW, merchant_id=merchant)
 
     def j(obj: object) -> bytes:
         return json.dumps(obj).encode()
@@ -184,6 +189,11 @@ def _bad_inputs(merchant: str) -> list[tuple[str, str, bytes, str, str | None]]:
         ("not utf-8", f"{t}/telemetry", b"\xff\xfe\x00garbage", "not_utf8", None),
         ("card number", f"{t}/txn", j({**txn, "card_token": "4111 1111 1111 1111"}),
          "card_data", None),
+        ("year 9999", f"{t}/telemetry", j({**tele, "ts": "9999-12-31T23:59:59Z"}),
+         "implausible_timestamp", "ts"),
+        ("duplicate key", f"{t}/txn",
+         j(txn).replace(b'"amount_minor": 1250', b'"amount_minor": 1250, "amount_minor": 125000'),
+         "duplicate_key", "amount_minor"),
     ]  # fmt: skip
 
 
@@ -195,7 +205,7 @@ async def test_every_kind_of_bad_input_is_dead_lettered_with_its_reason(
     for _, topic, payload, _, _ in cases:
         publisher.publish(topic, payload)
     # The bridge keeps running: a good message after the bad ones goes through.
-    good = samples.telemetry(merchant_id=merchant, seq=99)
+    good = samples.telemetry(ts=NOW, merchant_id=merchant, seq=99)
     publisher.publish(f"pos/v1/{merchant}/T-0001/telemetry", json.dumps(good))
     dead = await consume(isolated, topic_of(isolated, "deadletter"), len(cases))
     ok = await consume(isolated, topic_of(isolated, "telemetry"), 1)
@@ -224,7 +234,7 @@ async def test_readyz_reports_ready_and_metrics_count_messages(
     )
     try:
         merchant = merchant_of(isolated)
-        body = samples.status(merchant_id=merchant)
+        body = samples.status(ts=NOW, merchant_id=merchant)
         publisher.publish(f"pos/v1/{merchant}/T-0001/status", json.dumps(body))
         await consume(isolated, topic_of(isolated, "status"), 1)
         base = f"http://127.0.0.1:{isolated.services.ingest}"
@@ -256,7 +266,7 @@ def _publish_stream(
 ) -> list[mqtt.MQTTMessageInfo]:
     infos = []
     for seq in range(start, start + count):
-        body = samples.telemetry(merchant_id=merchant, terminal_id=f"T-{seq % 7}", seq=seq)
+        body = samples.telemetry(ts=NOW, merchant_id=merchant, terminal_id=f"T-{seq % 7}", seq=seq)
         infos.append(
             publisher.publish(f"pos/v1/{merchant}/T-{seq % 7}/telemetry", json.dumps(body))
         )

@@ -338,3 +338,51 @@ async def test_messages_sent_before_the_will_but_processed_after_it_leave_it_off
     assert changes == [(False, "last will"), (True, None)]
     windows = [(r["window_start"], r["facts"]["samples"]) for r in topic if r["type"] == "window"]
     assert windows == [(int(base), 2)]
+
+
+async def test_a_year_9999_record_is_dead_lettered_and_the_worker_keeps_scoring(
+    health: Health,
+) -> None:
+    """A record that did not come through the bridge's clock check (an old topic, another
+    producer) used to crash-loop the worker: its window's end is past datetime's range."""
+    worker = health.start_worker()
+    base = _base()
+    kind, good = _tele("T-9999", 1, base + 5)
+    forged = {**good, "seq": 0}
+    result = validate_message(
+        f"pos/v1/M-h/T-9999/{kind}", json.dumps(forged).encode(),
+        received_at=datetime.now(UTC), mqtt_mid=1,
+    )  # fmt: skip
+    assert isinstance(result, Accepted)
+    record = json.loads(result.envelope.to_json())
+    record["payload"]["ts"] = "9999-12-31T23:59:59Z"
+    producer = AIOKafkaProducer(bootstrap_servers=health.settings.kafka.bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            f"{health.prefix}.telemetry.v1", json.dumps(record).encode(), key=b"T-9999"
+        )
+    finally:
+        await producer.stop()
+    await health.send([(kind, good)])
+    rows = await health.wait_for(
+        "SELECT extract(epoch FROM window_start)::bigint FROM terminal_health"
+        " WHERE terminal_id = 'T-9999'",
+        1,
+    )
+    assert rows == [(int(base),)]
+    consumer = AIOKafkaConsumer(
+        f"{health.prefix}.deadletter.v1",
+        bootstrap_servers=health.settings.kafka.bootstrap,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    try:
+        letters = await consumer.getmany(timeout_ms=15_000)
+    finally:
+        await consumer.stop()
+    (letter,) = [json.loads(r.value or b"") for batch in letters.values() for r in batch]
+    assert (letter["reason"], letter["field"]) == ("implausible_timestamp", "ts")
+    assert letter["original_topic"] == f"{health.prefix}.telemetry.v1"
+    await asyncio.sleep(2)  # a few timer ticks: the poisoned record would crash one
+    assert worker.poll() is None, "the worker died"

@@ -604,3 +604,72 @@ def test_models_are_frozen() -> None:
     envelope = accepted("status", samples.status())
     with pytest.raises(ValueError, match="frozen"):
         envelope.mqtt_mid = 9  # type: ignore[misc]
+
+
+# --- hostile input: parser differentials and impossible clocks ----------------------------
+
+
+def test_a_key_given_twice_in_one_object_is_refused_not_last_one_wins() -> None:
+    raw = samples.encode(samples.txn()).replace(
+        b'"amount_minor": 1250', b'"amount_minor": 1250, "amount_minor": 125000'
+    )
+    assert raw.count(b'"amount_minor"') == 2
+    dead = rejected("txn", raw)
+    assert (dead.reason, dead.field) == (Reason.DUPLICATE_KEY, "amount_minor")
+    assert dead.message == (
+        "field amount_minor: the key appears more than once in one JSON object; "
+        "send each field once"
+    )
+    assert "125000" in dead.payload_redacted  # the evidence is kept for the vendor
+
+
+def test_a_duplicate_key_in_a_nested_object_is_refused_too() -> None:
+    raw = samples.encode(samples.telemetry()).replace(
+        b'"level_pct": 87', b'"level_pct": 87, "level_pct": 3'
+    )
+    dead = rejected("telemetry", raw)
+    assert (dead.reason, dead.field) == (Reason.DUPLICATE_KEY, "level_pct")
+
+
+def test_the_same_key_in_sibling_objects_is_not_a_duplicate() -> None:
+    # "type" in signal and nowhere else at its level; charging etc. are per object.
+    accepted("telemetry", samples.telemetry())
+
+
+def test_a_timestamp_in_the_year_9999_is_refused_at_the_edge() -> None:
+    dead = rejected("telemetry", samples.telemetry(ts="9999-12-31T23:59:59Z"))
+    assert (dead.reason, dead.field) == (Reason.IMPLAUSIBLE_TIMESTAMP, "ts")
+    assert dead.message.startswith("field ts: 9999-12-31T23:59:59+00:00 is ")
+    assert "days ahead of the time of receipt (2026-11-23T16:06:50+00:00)" in dead.message
+    assert "at most 24 hours ahead" in dead.message
+
+
+def test_a_timestamp_years_behind_receipt_is_refused() -> None:
+    dead = rejected("txn", samples.txn(ts="0001-01-01T00:00:00+14:00"))
+    assert (dead.reason, dead.field) == (Reason.IMPLAUSIBLE_TIMESTAMP, "ts")
+    assert "behind the time of receipt" in dead.message
+    assert "at most 30 days behind" in dead.message
+
+
+@pytest.mark.parametrize(
+    "skew", [timedelta(hours=23, minutes=59), -timedelta(days=29, hours=23), timedelta(0)]
+)
+def test_clock_drift_and_store_and_forward_within_the_allowance_are_accepted(
+    skew: timedelta,
+) -> None:
+    ts = (RECEIVED_AT + skew).isoformat()
+    assert accepted("txn", samples.txn(ts=ts)).payload.ts == RECEIVED_AT + skew
+
+
+def test_the_clock_allowance_is_configurable() -> None:
+    raw = samples.encode(samples.status(ts=(RECEIVED_AT + timedelta(minutes=10)).isoformat()))
+    result = validate_message(
+        samples.topic("status"),
+        raw,
+        received_at=RECEIVED_AT,
+        mqtt_mid=1,
+        clock_ahead=timedelta(minutes=5),
+    )
+    assert isinstance(result, Rejected)
+    assert result.dead_letter.reason is Reason.IMPLAUSIBLE_TIMESTAMP
+    assert "10 minutes ahead" in result.dead_letter.message

@@ -12,6 +12,7 @@ from streams.window import (
     WindowConfig,
     check_offline,
     close_due,
+    heal,
     new_state,
     on_status,
     on_telemetry,
@@ -321,3 +322,19 @@ def test_a_state_written_before_the_ordering_fields_keeps_working() -> None:
     assert on_telemetry(state, tele(5), T0, T0, CFG) == "ok"
     assert not state["online"]
     assert on_status(state, status(7, "online"), T0 + 1, T0 + 1) == "online"
+
+
+# --- hostile input: a state poisoned by a far-future reading ------------------------------
+
+
+def test_heal_drops_a_restored_far_future_window_so_closing_cannot_overflow() -> None:
+    state = new_state("T-0001", "M-0001")
+    on_telemetry(state, tele(0), T0 + 5, T0 + 5, CFG)
+    year_9999 = 253_402_300_740.0  # 9999-12-31T23:59:00Z, as an old changelog may hold
+    on_telemetry(state, tele(1), year_9999, T0 + 6, CFG)
+    assert heal(state, T0 + 6, CFG) == 1
+    assert list(state["windows"]) == [str(int(T0))]
+    assert state["watermark"] == T0 + 6 + CFG.max_ahead_s
+    assert heal(state, T0 + 6, CFG) == 0
+    (record,) = close_due(state, T0 + 6 + CFG.max_ahead_s, CFG)
+    assert record["window_start"] == int(T0)

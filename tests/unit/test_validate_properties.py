@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 from hypothesis import given, settings
@@ -250,10 +250,12 @@ telemetry_values = st.fixed_dictionaries(
         "location.lon": st.floats(-180, 180),
         "location.accuracy_m": st.floats(0, 1e6),
         "uptime_s": st.integers(0, 10**9),
+        # Any clock within the allowance around the time of receipt (drift, store-and-forward);
+        # hypothesis takes naive bounds and attaches the offsets itself, which move the
+        # instant by up to 14 hours either way.
         "ts": st.datetimes(
-            # hypothesis takes naive bounds and attaches the offsets itself
-            min_value=datetime(2000, 1, 1),  # noqa: DTZ001
-            max_value=datetime(2100, 1, 1),  # noqa: DTZ001
+            min_value=(RECEIVED_AT - timedelta(days=29)).replace(tzinfo=None),
+            max_value=(RECEIVED_AT + timedelta(hours=9)).replace(tzinfo=None),
             timezones=offsets,
         ).map(datetime.isoformat),
     }
@@ -275,6 +277,23 @@ txn_values = st.fixed_dictionaries(
 def test_any_valid_telemetry_is_accepted(values: dict[str, Any]) -> None:
     result = run(samples.topic("telemetry"), samples.encode(samples.telemetry(**values)))
     assert isinstance(result, Accepted), result
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    ts=st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30))  # noqa: DTZ001
+    .filter(
+        lambda t: not -timedelta(days=31) < t - RECEIVED_AT.replace(tzinfo=None) < timedelta(days=2)
+    )
+    .map(lambda t: t.replace(tzinfo=UTC).isoformat())
+)
+def test_any_timestamp_far_from_the_time_of_receipt_is_refused(ts: str) -> None:
+    result = run(samples.topic("telemetry"), samples.encode(samples.telemetry(ts=ts)))
+    assert isinstance(result, Rejected), result
+    assert (result.dead_letter.reason, result.dead_letter.field) == (
+        Reason.IMPLAUSIBLE_TIMESTAMP,
+        "ts",
+    )
 
 
 @settings(max_examples=300, deadline=None)
