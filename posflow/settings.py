@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
@@ -55,6 +55,21 @@ class StackSettings(_Section):
     stop_timeout_s: float = Field(default=30.0, gt=0, description="grace before SIGKILL on down")
     java: str = Field(default="java", description="the JDK's java launcher (17 or newer)")
     mvn: str = Field(default="mvn", description="the Maven launcher used to fetch Kafka's jars")
+    timescaledb_version: str = Field(
+        default="2.28.3", description="TimescaleDB release built for the stack's PostgreSQL 15"
+    )
+    timescaledb_source: str | None = Field(
+        default=None,
+        description="TimescaleDB source archive (path or URL); default: the release tag's "
+        "archive on github.com/timescale/timescaledb",
+    )
+    timescaledb_sha256: str | None = Field(
+        default=None, description="expected sha256 of the source archive (checked when set)"
+    )
+    require_timescaledb: bool = Field(
+        default=False,
+        description="fail `stack up` when TimescaleDB can't be installed (else plain PostgreSQL)",
+    )
 
     @property
     def root(self) -> Path:
@@ -360,14 +375,26 @@ class SecuritySettings(_Section):
 
 
 class GrafanaSettings(_Section):
-    """Where `posflow dashboards publish` pushes the dashboards."""
+    """The stack's Grafana, and where `posflow dashboards publish` pushes the dashboards."""
 
-    url: str = Field(default="http://127.0.0.1:3000", description="Grafana's base URL")
+    host: str = Field(default=_LOOPBACK, description="the stack's Grafana listens here")
+    port: int = Field(default=13000, ge=1, le=65535, description="the stack's Grafana port")
+    source: str | None = Field(
+        default=None,
+        description="a Grafana home folder or release archive (.tar.xz/.tar.gz, unpacked once "
+        "into the stack's cache) for the stack; default: grafana-server on PATH, else none",
+    )
+    url: str = Field(
+        default="", description="Grafana's base URL; default: the stack's, http://<host>:<port>"
+    )
     token: SecretStr | None = Field(
         default=None, description="service-account token; else basic auth with user/password"
     )
-    user: str = Field(default="admin", description="basic-auth user (when no token)")
-    password: SecretStr | None = Field(default=None, description="basic-auth password")
+    user: str = Field(default="admin", description="basic-auth user; the stack's Grafana admin")
+    password: SecretStr | None = Field(
+        default=SecretStr("posflow-grafana-dev"),
+        description="basic-auth password; the stack's Grafana admin password",
+    )
     folder: str = Field(default="posflow", description="folder title, created when missing")
     folder_uid: str = Field(default="posflow", description="folder uid")
     postgres_datasource: str = Field(
@@ -377,6 +404,13 @@ class GrafanaSettings(_Section):
         default="posflow-prom", description="uid or name of Grafana's Prometheus datasource"
     )
     timeout_s: float = Field(default=10.0, gt=0, description="per HTTP request")
+
+    @model_validator(mode="after")
+    def _stack_url(self) -> GrafanaSettings:
+        # Frozen: set the derived default once, while validating.
+        if not self.url:
+            object.__setattr__(self, "url", f"http://{self.host}:{self.port}")
+        return self
 
 
 class Settings(BaseSettings):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,12 @@ from posflow.stack._process import ManagedProcess
 __all__ = ["Port", "ServiceStatus", "StackService"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _quiet(_: str) -> None:
+    return None
+
+
 DEPLOY_DIR = REPO_ROOT / "deploy"
 
 
@@ -41,6 +48,7 @@ class StackService(ABC):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._progress: Callable[[str], None] = _quiet
         root = settings.stack.root
         self.dir = root / self.name
         self.process = ManagedProcess(
@@ -71,6 +79,14 @@ class StackService(ABC):
 
     def install(self) -> None:  # noqa: B027 - optional hook, nothing to do by default
         """Make sure the software is present (Debian packages, downloads)."""
+
+    def progress(self, line: str) -> None:
+        """Tell the operator about a long step (the stack's progress callback, when up)."""
+        self._progress(line)
+
+    def needs_restart(self) -> bool:
+        """A running server that must be restarted to take what install() added."""
+        return False
 
     @abstractmethod
     def configure(self) -> None:

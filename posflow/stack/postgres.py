@@ -20,6 +20,7 @@ from psycopg import sql
 from posflow.errors import PosflowError
 from posflow.stack._install import ensure_debian_packages
 from posflow.stack._service import Port, StackService
+from posflow.stack.timescaledb import TimescaleBuild
 
 __all__ = ["PostgresService", "timescaledb_version"]
 
@@ -66,6 +67,20 @@ class PostgresService(StackService):
             install=self.settings.stack.install,
             log_path=self.settings.stack.root / "logs" / "install.log",
         )
+        warning = TimescaleBuild(self.settings, self.progress).ensure()
+        if warning:
+            self.progress(f"postgres   warning: {warning}")
+
+    def needs_restart(self) -> bool:
+        """Running without TimescaleDB preloaded although it is installed now."""
+        if not self._timescaledb_library():
+            return False
+        try:
+            with psycopg.connect(self._superuser_dsn()) as conn:
+                row = conn.execute("SHOW shared_preload_libraries").fetchone()
+        except (psycopg.Error, FileNotFoundError):
+            return False
+        return row is not None and "timescaledb" not in str(row[0])
 
     def _owner(self) -> tuple[int, int] | None:
         if os.geteuid() != 0:
