@@ -32,7 +32,9 @@ __all__ = [
     "prom",
 ]
 
-PG_TYPE = "grafana-postgresql-datasource"
+# "postgres": the type Grafana 9 knows, and an alias that Grafana 10+ still accepts (its
+# plugin id is now grafana-postgresql-datasource), so the dashboards import into both.
+PG_TYPE = "postgres"
 PROM_TYPE = "prometheus"
 # The uids of deploy/grafana/provisioning/datasources/datasources.yml; `publish` maps
 # them to the datasources of another Grafana.

@@ -30,8 +30,9 @@ from posflow.settings import GrafanaSettings
 
 __all__ = ["Published", "map_datasources", "publish"]
 
-# Grafana before 10.x called the PostgreSQL datasource type "postgres".
-_TYPES = {PG_UID: {PG_TYPE, "postgres"}, PROM_UID: {PROM_TYPE}}
+# The dashboards say "postgres" (Grafana 9's type); Grafana 10+ lists the same datasource
+# under its plugin id.
+_TYPES = {PG_UID: {PG_TYPE, "grafana-postgresql-datasource"}, PROM_UID: {PROM_TYPE}}
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-stack_app = typer.Typer(help="The local stack: Kafka, PostgreSQL, Mosquitto, Prometheus.")
+stack_app = typer.Typer(
+    help="The local stack: Kafka, PostgreSQL, Mosquitto, Prometheus, Grafana (when available)."
+)
 app.add_typer(stack_app, name="stack")
 db_app = typer.Typer(help="The database: migrations, upkeep.")
 app.add_typer(db_app, name="db")
@@ -54,7 +56,9 @@ def _settings() -> Settings:
 
 ServiceNames = Annotated[
     list[str] | None,
-    typer.Argument(help="services to act on (default: all): postgres kafka mosquitto prometheus"),
+    typer.Argument(
+        help="services to act on (default: all): postgres kafka mosquitto prometheus grafana"
+    ),
 ]
 
 
@@ -77,13 +81,17 @@ def stack_down(services: ServiceNames = None) -> None:
 
 @stack_app.command("status")
 def stack_status() -> None:
-    """Each service: state, address, version, pid. Exits 1 if any is not running."""
+    """Each service: state, address, version, pid. Exits 1 if any is not running.
+
+    A service with nothing to run here (Grafana, when none can be had) is
+    "not available" and does not count as down.
+    """
     from posflow.stack import Stack
 
     rows = Stack(_settings()).status()
     table = Table("service", "state", "address", "version", "pid", "detail")
     for row in rows:
-        colour = "green" if row.state == "running" else "red"
+        colour = {"running": "green", "not available": "yellow"}.get(row.state, "red")
         table.add_row(
             row.name,
             f"[{colour}]{row.state}[/{colour}]",
@@ -93,7 +101,7 @@ def stack_status() -> None:
             row.detail,
         )
     _out.print(table)
-    if any(row.state != "running" for row in rows):
+    if any(row.state not in ("running", "not available") for row in rows):
         raise typer.Exit(1)
 
 
@@ -112,7 +120,9 @@ def stack_check() -> None:
 
 @stack_app.command("logs")
 def stack_logs(
-    service: Annotated[str, typer.Argument(help="postgres, kafka, mosquitto or prometheus")],
+    service: Annotated[
+        str, typer.Argument(help="postgres, kafka, mosquitto, prometheus or grafana")
+    ],
     lines: Annotated[int, typer.Option("--lines", "-n", help="how many lines")] = 50,
 ) -> None:
     """Show the end of a service's log."""

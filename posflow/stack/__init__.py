@@ -1,8 +1,10 @@
-"""The local stack: real Kafka, PostgreSQL, Mosquitto and Prometheus on loopback.
+"""The local stack: real Kafka, PostgreSQL, Mosquitto, Prometheus and Grafana on loopback.
 
 ``posflow stack up`` installs what is missing, configures each server under
 the stack directory (data, logs, pids), starts it as a detached process and
 waits until it really answers. ``down`` stops only what it started, by pid.
+Grafana runs when one can be had (see :mod:`posflow.stack.grafana`), else
+the stack runs without it.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from posflow.errors import PosflowError
 from posflow.settings import Settings
 from posflow.stack._process import check_port_free, log_tail, wait_until
 from posflow.stack._service import ServiceStatus, StackService
+from posflow.stack.grafana import GrafanaService
 from posflow.stack.kafka import KafkaService, ensure_topics
 from posflow.stack.mosquitto import MosquittoService, mosquitto_password_hash
 from posflow.stack.postgres import PostgresService
 from posflow.stack.prometheus import PrometheusService
 
 __all__ = [
+    "GrafanaService",
     "KafkaService",
     "MosquittoService",
     "PostgresService",
@@ -39,7 +43,7 @@ def _quiet(_: str) -> None:
 
 
 class Stack:
-    """The four servers of the local stack, in start order."""
+    """The servers of the local stack, in start order."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -47,8 +51,10 @@ class Stack:
         self.kafka = KafkaService(settings)
         self.mosquitto = MosquittoService(settings)
         self.prometheus = PrometheusService(settings)
+        self.grafana = GrafanaService(settings)
         self.services: dict[str, StackService] = {
-            s.name: s for s in (self.postgres, self.kafka, self.mosquitto, self.prometheus)
+            s.name: s
+            for s in (self.postgres, self.kafka, self.mosquitto, self.prometheus, self.grafana)
         }
 
     def select(self, names: Iterable[str] | None) -> list[StackService]:
@@ -68,6 +74,10 @@ class Stack:
         """Install, configure, start and wait for each service; harmless when already up."""
         self.settings.stack.root.mkdir(parents=True, exist_ok=True)
         for service in self.select(names):
+            missing = _unavailable(service)
+            if missing is not None:
+                progress(f"{service.name:<10} skipped: {missing}")
+                continue
             started = time.monotonic()
             if service.process.running():
                 self._wait_ready(service)
@@ -120,7 +130,10 @@ class Stack:
         rows = []
         for service in self.services.values():
             pid = service.process.pid()
-            if pid is None:
+            missing = _unavailable(service) if pid is None else None
+            if missing is not None:
+                state, detail = "not available", missing
+            elif pid is None:
                 state, detail = "stopped", ""
             elif service.ready():
                 state, detail = "running", service.detail()
@@ -141,6 +154,11 @@ class Stack:
     def logs(self, name: str, lines: int = 50) -> str:
         service = self.select([name])[0]
         return log_tail(service.log_path, lines)
+
+
+def _unavailable(service: StackService) -> str | None:
+    """Why an optional service cannot run here (None: it can, or it is not optional)."""
+    return service.unavailable() if isinstance(service, GrafanaService) else None
 
 
 def _safe_version(service: StackService) -> str:

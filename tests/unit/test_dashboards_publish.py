@@ -256,5 +256,5 @@ def test_unreachable_grafana_is_a_clear_error() -> None:
 
 def test_no_credentials_is_refused_before_any_request(grafana: FakeGrafana) -> None:
     with pytest.raises(PosflowError, match="no Grafana credentials"):
-        publish(_settings(grafana, token=None), _bodies())
+        publish(_settings(grafana, token=None, password=None), _bodies())
     assert grafana.requests == []
