@@ -208,7 +208,7 @@ def render_datasources(settings: Settings, *, timescaledb: bool) -> str:
         if source["type"] in ("postgres", "grafana-postgresql-datasource"):
             source["url"] = f"{pg.host}:{pg.port}"
             source["user"] = pg.user
-            source["jsonData"]["database"] = pg.database
+            source["database"] = source["jsonData"]["database"] = pg.database
             # $__timeGroup uses time_bucket() only when the database has TimescaleDB.
             source["jsonData"]["timescaledb"] = timescaledb
         elif source["type"] == "prometheus":

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from dashboards import catalog
+from dashboards.query import grafana_client
 from posflow.settings import Settings
 from posflow.stack import Stack
 from posflow.stack.grafana import basic_auth
@@ -61,7 +62,26 @@ def test_grafana_has_the_datasources_the_dashboards_name(
         f"{settings.postgres.host}:{settings.postgres.port}",
         settings.postgres.database,
     )
+    assert pg["database"] == settings.postgres.database  # Grafana 9 reads it here
     assert pg["secureJsonFields"] == {"password": True}
+    # Queries really run on that database (not libpq's default, the user's name).
+    with grafana_client(settings.grafana) as client:
+        answer = client.post(
+            "/api/ds/query",
+            json={
+                "from": "now-5m",
+                "to": "now",
+                "queries": [
+                    {
+                        "refId": "A",
+                        "datasource": {"uid": "posflow-pg"},
+                        "rawSql": "SELECT current_database() AS db",
+                        "format": "table",
+                    }
+                ],
+            },
+        ).json()
+    assert answer["results"]["A"]["frames"][0]["data"]["values"] == [[settings.postgres.database]]
     assert (prom["type"], prom["url"]) == (
         "prometheus",
         f"http://{settings.prometheus.host}:{settings.prometheus.port}",

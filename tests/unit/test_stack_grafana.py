@@ -167,13 +167,13 @@ def test_datasources_are_deploys_with_the_stack_addresses(tmp_path: Path) -> Non
         "127.0.0.1:25432",
         "u",
     )
-    assert pg["jsonData"]["database"] == "pf"
+    assert pg["jsonData"]["database"] == pg["database"] == "pf"
     assert pg["jsonData"]["timescaledb"] is False
     assert pg["secureJsonData"] == {"password": "${POSFLOW_POSTGRES__PASSWORD}"}
     assert (prom["uid"], prom["url"]) == ("posflow-prom", "http://127.0.0.1:29090")
     # Everything else is docker-compose's file, unchanged.
     for mine, theirs in zip(ours["datasources"], compose["datasources"], strict=True):
-        changed = {"url", "user", "jsonData"}
+        changed = {"url", "user", "database", "jsonData"}
         assert {k: v for k, v in mine.items() if k not in changed} == {
             k: v for k, v in theirs.items() if k not in changed
         }
