@@ -48,6 +48,7 @@ class PanelResult:
     query: str  # as sent, variables replaced
     error: str | None
     rows: int
+    fields: tuple[str, ...] = ()  # the first frame's field names (a table's columns)
 
 
 def grafana_client(settings: GrafanaSettings) -> httpx.Client:
@@ -115,6 +116,11 @@ def _rows(result: Mapping[str, Any]) -> int:
     return rows
 
 
+def _fields(result: Mapping[str, Any]) -> tuple[str, ...]:
+    frames = result.get("frames") or []
+    return tuple(f["name"] for f in frames[0]["schema"].get("fields", [])) if frames else ()
+
+
 def _frame_column(result: Mapping[str, Any], name: str) -> list[str]:
     for frame in result.get("frames") or []:
         fields = [f["name"] for f in frame["schema"]["fields"]]
@@ -164,7 +170,10 @@ class _Run:
         result = response.json().get("results", {}).get(query["refId"], {})
         error = result.get("error") or (None if response.status_code == 200 else response.text)
         ref = str(query["refId"])
-        return PanelResult(dashboard, where, ref, language, text, error, _rows(result)), result
+        answer = PanelResult(
+            dashboard, where, ref, language, text, error, _rows(result), _fields(result)
+        )
+        return answer, result
 
 
 def _panels(dashboard: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
