@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from alerts.engine import Engine  # noqa: E402 - after sys.path
 from alerts.facts import apply_record  # noqa: E402
 from alerts.rules import load_rules  # noqa: E402
+from posflow.storage.databases import create_database  # noqa: E402
 
 TIME_LIMIT_S = 300
 
@@ -131,7 +132,7 @@ async def bench_e2e(faults: int) -> None:
     )
     await ensure_topics(bench)
     with psycopg.connect(settings.postgres.dsn(), autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+        create_database(admin, db)
     got: dict[str, float] = {}
     secret = "bench-secret"  # noqa: S105 - a throwaway key for this run
 

@@ -45,6 +45,7 @@ from posflow.security.keys import LocalMasterKey, issue_merchant_key
 from posflow.security.roles import Principal, Role
 from posflow.settings import Settings
 from posflow.storage import migrate
+from posflow.storage.databases import create_database
 
 POSFLOW = str(Path(sys.executable).with_name("posflow"))
 TIME_LIMIT_S = 300
@@ -215,7 +216,7 @@ def main() -> int:
     db = f"bench_feed_{secrets.token_hex(4)}"
     admin_dsn = settings.postgres.dsn()
     with psycopg.connect(admin_dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+        create_database(admin, db)
     dsn = settings.postgres.dsn(database=db)
     server: subprocess.Popen[bytes] | None = None
     try:

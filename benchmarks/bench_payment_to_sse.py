@@ -59,6 +59,7 @@ from posflow.settings import KafkaSettings, Settings
 from posflow.stack import ensure_topics
 from posflow.stack.mosquitto import mosquitto_password_hash, render_acl, render_config
 from posflow.storage import migrate
+from posflow.storage.databases import create_database
 from posflow.topics import pipeline_topics
 
 POSFLOW = str(Path(sys.executable).with_name("posflow"))
@@ -292,7 +293,7 @@ def main() -> int:  # noqa: PLR0912 - one linear script, setup to teardown
         procs.append(start_broker(tmp, ports["mqtt"], svc, terminals))
         asyncio.run(ensure_topics(base.model_copy(update={"kafka": kafka})))
         with psycopg.connect(admin_dsn, autocommit=True) as admin:
-            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+            create_database(admin, db)
         dsn = base.postgres.dsn(database=db)
         with psycopg.connect(dsn, autocommit=True) as conn:
             migrate(conn)

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from posflow.contracts import Accepted, validate_message
 from posflow.settings import KafkaSettings, PostgresSettings, RawSinkSettings, Settings
+from posflow.storage.databases import create_database
 from streams.rawsink import RawSink, RawSinkMetrics
 from streams.rawsink_records import sort_records
 from tests.unit import samples
@@ -179,7 +180,7 @@ def main() -> None:
     db = f"bench_{secrets.token_hex(4)}"
     admin_dsn = base.postgres.dsn()
     with psycopg.connect(admin_dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+        create_database(admin, db)
     settings = Settings(
         kafka=KafkaSettings(topic_prefix=f"bench{secrets.token_hex(3)}"),
         postgres=PostgresSettings(**{**base.postgres.model_dump(), "database": db}),

@@ -41,6 +41,7 @@ from posflow.settings import (  # noqa: E402
     SettlementSettings,
 )
 from posflow.storage import migrate  # noqa: E402
+from posflow.storage.databases import create_database  # noqa: E402
 from posflow.storage.ledger import LedgerResult  # noqa: E402
 from streams.settlement import SettlementMetrics, SettlementWorker  # noqa: E402
 
@@ -116,7 +117,7 @@ async def bench(args: argparse.Namespace) -> None:
     run = secrets.token_hex(3)
     prefix, dbname = f"bench{run}", f"bench_settle_{run}"
     with psycopg.connect(base.postgres.dsn(), autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+        create_database(admin, dbname)
     pg = PostgresSettings(**{**base.postgres.model_dump(), "database": dbname})
     settings = Settings(
         kafka=KafkaSettings(topic_prefix=prefix),

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from posflow.contracts import Accepted, IngestEnvelope, validate_message
 from posflow.settings import PostgresSettings, Settings
 from posflow.storage import detect_path, ensure_partitions, migrate
+from posflow.storage.databases import create_database
 from posflow.storage.ledger import LedgerEntry, LedgerWriter
 from posflow.storage.writers import TelemetryWriter
 from tests.unit import samples
@@ -88,7 +89,7 @@ def main() -> None:
     db = f"bench_{secrets.token_hex(4)}"
     admin_dsn = base.postgres.dsn()
     with psycopg.connect(admin_dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+        create_database(admin, db)
     pg = PostgresSettings(**{**base.postgres.model_dump(), "database": db})
     try:
         with psycopg.connect(pg.dsn(), autocommit=True) as conn:

@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from posflow.contracts import Accepted, validate_message  # noqa: E402 - after sys.path
 from posflow.settings import KafkaSettings, Settings  # noqa: E402
 from posflow.stack import ensure_topics  # noqa: E402
+from posflow.storage.databases import create_database  # noqa: E402
 from tests.unit import samples  # noqa: E402
 
 TIME_LIMIT_S = 300
@@ -141,7 +142,7 @@ def main() -> None:
     run = secrets.token_hex(3)
     db = f"bench_streams_{run}"
     with psycopg.connect(base.postgres.dsn(), autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+        create_database(admin, db)
     print(
         f"# bench_streams {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, run {run}"
     )

@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from posflow.settings import KafkaSettings, PostgresSettings, Settings  # noqa: E402
 from posflow.stack import ensure_topics  # noqa: E402
+from posflow.storage.databases import create_database  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 TIME_LIMIT_S = 600
@@ -95,7 +96,7 @@ async def main(args: argparse.Namespace) -> int:
         }
     )
     with psycopg.connect(base.postgres.dsn(), autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+        create_database(admin, database)
     await ensure_topics(settings)
     port, hook_port = free_port(), free_port()
     env = {

@@ -163,13 +163,26 @@ def db_migrate() -> None:
 
 @db_app.command("maintain")
 def db_maintain() -> None:
-    """Partitions ahead, hourly rollups, retention (TimescaleDB: its policies)."""
-    from posflow.storage.setup import prepare_database
+    """Plain: partitions ahead, hourly rollups, retention. TimescaleDB: runs its policy jobs."""
+    from posflow.storage.maintenance import maintain
+    from posflow.storage.setup import prepare_database, retention_of
 
     settings = _settings()
     with _connect() as conn:
         path = prepare_database(conn, settings.storage)
-    _out.print(f"storage maintained ({path})")
+        result = maintain(conn, retention_of(settings.storage)) if path == "timescaledb" else {}
+    for run in result.get("jobs", []):  # type: ignore[attr-defined]
+        outcome = "ok" if run.ok else f"FAILED: {run.error}"
+        _out.print(f"  job {run.job_id} {run.job}: {outcome} ({run.seconds:.2f} s)")
+    if path == "timescaledb":
+        _out.print(
+            "storage maintained (timescaledb): the policy jobs ran in this session, not left "
+            "to TimescaleDB's background scheduler (see docs/operations.md)"
+        )
+    else:
+        _out.print(f"storage maintained ({path})")
+    if result.get("failed"):
+        raise SystemExit(1)
 
 
 @contracts_app.command("export-schemas")

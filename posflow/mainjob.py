@@ -34,6 +34,7 @@ from posflow.console import Snapshot, Stage, Watcher, render
 from posflow.errors import PosflowError
 from posflow.feedclient import FeedClient
 from posflow.settings import Settings
+from posflow.storage.databases import create_database
 from posflow.supervisor import ServiceSpec, Supervisor
 from simulator.accounting import expected_rows, wait_for_rows
 
@@ -217,14 +218,13 @@ def _prepare(settings: Settings, options: MainJobOptions, say: Callable[[str], N
 def _create_database(settings: Settings, say: Callable[[str], None]) -> None:
     """The configured database, created when the server has none of that name."""
     import psycopg
-    from psycopg import sql
 
     pg = settings.postgres
     with psycopg.connect(pg.dsn(database="postgres"), autocommit=True) as admin:
         if admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", [pg.database]).fetchone():
             return
         try:
-            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(pg.database)))
+            create_database(admin, pg.database)
         except psycopg.errors.InsufficientPrivilege:
             raise PosflowError(
                 f"database {pg.database!r} does not exist and user {pg.user!r} may not create it",

@@ -24,6 +24,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from posflow.settings import KafkaSettings, PostgresSettings, Settings
 from posflow.stack import Stack, ensure_topics
+from posflow.storage.databases import create_database
 from simulator.accounting import (
     KafkaSeen,
     Recorder,
@@ -258,7 +259,7 @@ async def run_loadtest(
     run_id = secrets.token_hex(3)
     database = f"posflow_lt_{run_id}"
     with psycopg.connect(settings.postgres.dsn(), autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{database}"'.encode())
+        create_database(admin, database)
     try:
         return await _run(settings, opts, console, run_id, database)
     finally:

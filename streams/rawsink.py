@@ -42,6 +42,7 @@ from posflow.security import refuse_dev_defaults
 from posflow.security.tls import kafka_ssl_options, postgres_dsn
 from posflow.settings import Settings
 from posflow.storage.deadletters import count_dead_letters
+from posflow.storage.jobs import JobStat, job_stats
 from posflow.storage.maintenance import maintain
 from posflow.storage.migrate import StoragePath
 from posflow.storage.setup import prepare_database, retention_of
@@ -101,6 +102,24 @@ class RawSinkMetrics:
         self.maintenance = Counter(
             "posflow_rawsink_maintenance_runs", "storage upkeep runs", ["outcome"], registry=r
         )
+        self.storage_jobs = Counter(
+            "posflow_storage_job_runs",
+            "TimescaleDB policy jobs run by the sink's upkeep, by job and outcome",
+            ["job", "outcome"],
+            registry=r,
+        )
+        self.scheduler_failures = Gauge(
+            "posflow_storage_scheduler_job_failures",
+            "failures TimescaleDB's background scheduler recorded for a policy job (job_stats)",
+            ["job"],
+            registry=r,
+        )
+        self.scheduler_last_success = Gauge(
+            "posflow_storage_scheduler_job_last_success_timestamp",
+            "unix time of a policy job's last successful scheduler run (0: never)",
+            ["job"],
+            registry=r,
+        )
         self.last_batch = Gauge(
             "posflow_rawsink_last_batch_timestamp", "unix time of the last batch", registry=r
         )
@@ -108,6 +127,12 @@ class RawSinkMetrics:
             "posflow_rawsink_batches_awaiting_flush",
             "batches written whose Kafka offsets wait for the WAL flush", registry=r,
         )  # fmt: skip
+
+    def observe_job_stats(self, stats: list[JobStat]) -> None:
+        for stat in stats:
+            self.scheduler_failures.labels(stat.job).set(stat.total_failures)
+            finish = stat.last_successful_finish
+            self.scheduler_last_success.labels(stat.job).set(finish.timestamp() if finish else 0)
 
 
 @dataclass(frozen=True)
@@ -499,8 +524,6 @@ class RawSink:
                 await asyncio.wait_for(stop.wait(), period)
             if stop.is_set():
                 return
-            if self.path == "timescaledb":
-                continue  # TimescaleDB's own policies do the upkeep
             try:
                 await asyncio.to_thread(self._maintain_once)
                 self.metrics.maintenance.labels("ok").inc()
@@ -511,7 +534,12 @@ class RawSink:
     def _maintain_once(self) -> None:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             result = maintain(conn, retention_of(self.settings.storage))
-        log.info("storage upkeep: hourly rollup up to %s", result["rollup_1h_upto"])
+            if result["path"] == "timescaledb":
+                for run in result["jobs"]:  # type: ignore[attr-defined]
+                    self.metrics.storage_jobs.labels(run.job, "ok" if run.ok else "failed").inc()
+                self.metrics.observe_job_stats(job_stats(conn))
+        if result["path"] == "plain":
+            log.info("storage upkeep: hourly rollup up to %s", result["rollup_1h_upto"])
 
 
 def _refused(batch: Sorted, envelope: IngestEnvelope, why: str) -> Rejection:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import socket
 from pathlib import Path
@@ -40,8 +41,18 @@ def unique(prefix: str) -> str:
 
 @pytest.fixture(scope="session")
 def settings() -> Settings:
-    # The stack the README's commands start, in the repo's own stack directory.
-    return Settings(stack=StackSettings(dir=ROOT / ".stack"))
+    # The stack the README's commands start, in the repo's own stack directory; CI's
+    # TimescaleDB settings (.ci/run) hold here too, so a test database must have it there.
+    env = os.environ
+    return Settings(
+        stack=StackSettings(
+            dir=ROOT / ".stack",
+            require_timescaledb=env.get("POSFLOW_STACK__REQUIRE_TIMESCALEDB", "").lower()
+            in {"1", "true", "yes"},
+            timescaledb_source=env.get("POSFLOW_STACK__TIMESCALEDB_SOURCE") or None,
+            timescaledb_sha256=env.get("POSFLOW_STACK__TIMESCALEDB_SHA256") or None,
+        )
+    )
 
 
 @pytest.fixture(scope="session")

@@ -79,11 +79,17 @@ class Stack:
                 progress(f"{service.name:<10} skipped: {missing}")
                 continue
             started = time.monotonic()
+            service._progress = progress
             if service.process.running():
                 self._wait_ready(service)
-                service.after_ready()
-                progress(f"{service.name:<10} already running on {service.address}")
-                continue
+                service.install()
+                if service.needs_restart():
+                    progress(f"{service.name:<10} restarting to load what was installed")
+                    service.process.stop(self.settings.stack.stop_timeout_s)
+                else:
+                    service.after_ready()
+                    progress(f"{service.name:<10} already running on {service.address}")
+                    continue
             service.install()
             service.configure()
             for port in service.ports:

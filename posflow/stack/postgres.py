@@ -21,6 +21,7 @@ from posflow.errors import PosflowError
 from posflow.stack._install import ensure_debian_packages
 from posflow.stack._service import Port, StackService
 from posflow.stack.timescaledb import TimescaleBuild
+from posflow.storage.databases import TIMESCALEDB_TEMPLATE, timescaledb_template_exists
 
 __all__ = ["PostgresService", "timescaledb_version"]
 
@@ -206,6 +207,37 @@ class PostgresService(StackService):
             ).fetchone()
             if available and self._timescaledb_library():
                 conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+                # Databases created later on this stack (a test's, a benchmark's) copy a
+                # template that has it (posflow.storage.databases.create_database).
+                self._timescaledb_template()
+            elif self.settings.stack.require_timescaledb:
+                raise PosflowError(
+                    "TimescaleDB is required (POSFLOW_STACK__REQUIRE_TIMESCALEDB=true) but the "
+                    "stack's PostgreSQL does not have it",
+                    fix="see the warning above; `posflow stack up` builds it from "
+                    "POSFLOW_STACK__TIMESCALEDB_SOURCE",
+                )
+
+    def _timescaledb_template(self) -> None:
+        """The template a new database copies to have TimescaleDB (storage/databases.py)."""
+        name = TIMESCALEDB_TEMPLATE
+        with psycopg.connect(self._superuser_dsn(), autocommit=True) as conn:
+            if timescaledb_template_exists(conn):
+                return
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(name)))  # fmt: skip
+            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(
+                sql.Identifier(name)))  # fmt: skip
+            with psycopg.connect(self._superuser_dsn(name), autocommit=True) as tmpl:
+                tmpl.execute("CREATE EXTENSION timescaledb")
+            # No connections: TimescaleDB's launcher then starts no scheduler there, and
+            # nothing is ever in the way of CREATE DATABASE ... TEMPLATE it.
+            conn.execute(sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false")
+                         .format(sql.Identifier(name)))  # fmt: skip
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                [name],
+            )
 
     def version(self) -> str:
         out = subprocess.run(

@@ -1,10 +1,12 @@
-"""Periodic storage upkeep on plain PostgreSQL: partitions, hourly rollups, retention.
+"""Periodic storage upkeep: partitions, rollups, compression, retention.
 
-TimescaleDB does all of this with its own background jobs (chunks,
-continuous-aggregate refresh, compression and retention policies, see
-``policies.py``). On plain PostgreSQL, :func:`maintain` does the same work;
-the stream workers call it every few minutes and ``posflow db maintain``
-runs it by hand.
+On plain PostgreSQL :func:`maintain` creates the daily partitions ahead,
+refreshes the hourly rollup and drops expired partitions. On TimescaleDB,
+chunks are automatic and the work is TimescaleDB's own policy jobs (continuous
+aggregate refresh, compression, retention; see ``policies.py``), which
+:func:`maintain` runs from its session rather than trusting the background
+scheduler alone (see ``jobs.py``). The raw sink calls it every few minutes
+and ``posflow db maintain`` runs it by hand.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 
+from posflow.storage.jobs import run_policy_jobs
+from posflow.storage.migrate import detect_path
 from posflow.storage.partitions import drop_expired_partitions, ensure_partitions
 
 __all__ = ["RetentionDays", "maintain", "refresh_hourly_rollup"]
@@ -76,12 +80,15 @@ def maintain(
     *,
     now: datetime | None = None,
 ) -> dict[str, object]:
-    """Partitions ahead, hourly rollup refreshed, expired partitions dropped.
+    """Plain: partitions ahead, hourly rollup refreshed, expired partitions dropped.
+    TimescaleDB: every refresh, compression and retention policy job run once, now.
 
     Every service runs this at start: a session advisory lock makes concurrent
     starts take turns (the second one finds the partitions already there).
     """
     now = now or datetime.now(UTC)
+    if detect_path(conn) == "timescaledb":
+        return _maintain_timescaledb(conn)
     conn.execute("SELECT pg_advisory_lock(%s)", [_LOCK_KEY])
     try:
         created = ensure_partitions(conn, today=now.date())
@@ -102,7 +109,26 @@ def maintain(
             conn.commit()
     if created or dropped:
         log.info("partitions created %s, dropped %s", created, dropped)
-    return {"created": created, "dropped": dropped, "rollup_1h_upto": watermark}
+    return {"path": "plain", "created": created, "dropped": dropped, "rollup_1h_upto": watermark}
+
+
+def _maintain_timescaledb(conn: psycopg.Connection[tuple[object, ...]]) -> dict[str, object]:
+    if not conn.autocommit:
+        conn.commit()
+        conn.autocommit = True
+    conn.execute("SELECT pg_advisory_lock(%s)", [_LOCK_KEY])
+    try:
+        runs = run_policy_jobs(conn)
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s)", [_LOCK_KEY])
+    failed = [r for r in runs if not r.ok]
+    log.info(
+        "TimescaleDB policy jobs run: %d ok, %d failed%s",
+        len(runs) - len(failed),
+        len(failed),
+        "".join(f"; {r.job}: {r.error}" for r in failed),
+    )
+    return {"path": "timescaledb", "jobs": runs, "failed": failed}
 
 
 def default_retention(days_raw: int, days_rollup: int) -> RetentionDays:

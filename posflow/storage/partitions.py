@@ -14,6 +14,8 @@ from datetime import UTC, date, datetime, timedelta
 import psycopg
 from psycopg import sql
 
+from posflow.storage.migrate import detect_path
+
 __all__ = ["PARTITIONED", "drop_expired_partitions", "ensure_partitions"]
 
 # Partitioned table -> its partitioning column.
@@ -52,6 +54,8 @@ def ensure_partitions(
     Rows already in the DEFAULT partition for a new day move into it, so
     creating a partition for a day that received early data never fails.
     """
+    if detect_path(conn) == "timescaledb":
+        return []  # hypertables make their chunks as rows arrive
     today = today or datetime.now(UTC).date()
     created = []
     for table, column in PARTITIONED.items():
@@ -100,6 +104,8 @@ def drop_expired_partitions(
     today: date | None = None,
 ) -> list[str]:
     """Drop daily partitions entirely older than ``retention[table]`` days; returns names."""
+    if detect_path(conn) == "timescaledb":
+        return []  # retention policies drop whole chunks (jobs.py)
     today = today or datetime.now(UTC).date()
     dropped = []
     for table, days in retention.items():

@@ -29,7 +29,7 @@ def prepare_database(
     if path == "timescaledb":
         apply_timescaledb_policies(conn, storage)
     else:
-        maintain(conn, retention_of(storage))
+        maintain(conn, retention_of(storage))  # partitions before the first write
     log.info(
         "storage path: %s (%d migrations applied now)",
         "TimescaleDB" if path == "timescaledb" else "plain PostgreSQL (native partitioning)",

@@ -12,6 +12,7 @@ from psycopg import sql
 from posflow.settings import PostgresSettings, Settings
 from posflow.stack import Stack
 from posflow.stack._process import _CHILDREN
+from posflow.storage.databases import create_database
 from tests.conftest import unique
 
 
@@ -22,12 +23,45 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.stack)
 
 
+# Modules whose tests run on both storage paths: TimescaleDB (the default, every test) and
+# plain PostgreSQL with native partitioning (the supported fallback), same cluster.
+BOTH_PATHS = frozenset(
+    {
+        "test_storage",
+        "test_storage_maintenance",
+        "test_storage_writers",
+        "test_rawsink",
+        "test_settlement",
+        "test_settlement_worker",
+        "test_settlement_properties",
+        "test_dashboards_sql",
+    }
+)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "pg" in metafunc.fixturenames and metafunc.module.__name__.split(".")[-1] in BOTH_PATHS:
+        metafunc.parametrize("storage_path", ["timescaledb", "plain"])
+
+
 @pytest.fixture
-def pg(settings: Settings, stack: Stack) -> Iterator[PostgresSettings]:
-    """A fresh, empty database of this test's own."""
+def storage_path() -> str:
+    """The storage path of the test's database: TimescaleDB unless parametrized."""
+    return "timescaledb"
+
+
+@pytest.fixture
+def pg(settings: Settings, stack: Stack, storage_path: str) -> Iterator[PostgresSettings]:
+    """A fresh, empty database of this test's own, on the TimescaleDB or the plain path.
+
+    Where the stack has TimescaleDB, the default database has it (copied from the stack's
+    template, see posflow.storage.databases); a plain-path one never does.
+    """
     name = unique("t").replace("-", "_")
     with psycopg.connect(settings.postgres.dsn(), autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        got = create_database(admin, name, path=None if storage_path == "timescaledb" else "plain")
+    if storage_path == "timescaledb" and settings.stack.require_timescaledb:
+        assert got == "timescaledb", "REQUIRE_TIMESCALEDB is set but the stack has no template"
     yield PostgresSettings(**{**settings.postgres.model_dump(), "database": name})
     # A server-side process (autovacuum, a backend still exiting) can make FORCE fail for a
     # moment with "insufficient privilege": try again shortly rather than fail the test.

@@ -36,6 +36,7 @@ from posflow.security.keys import LocalMasterKey, issue_merchant_key
 from posflow.security.roles import Principal, Role
 from posflow.settings import KafkaSettings, PostgresSettings, Settings
 from posflow.stack import Stack, ensure_topics
+from posflow.storage.databases import create_database
 from posflow.storage.migrate import migrate
 from tests.conftest import ROOT, free_port, unique
 
@@ -131,7 +132,7 @@ def engine(
     tmp = tmp_path_factory.mktemp("alerts-security")
     name = unique("t_alsec").replace("-", "_")
     with psycopg.connect(settings.postgres.dsn(), autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        create_database(admin, name)
     pg = PostgresSettings(**{**settings.postgres.model_dump(), "database": name})
     prefix = unique("as").replace("-", "")
     test_settings = settings.model_copy(

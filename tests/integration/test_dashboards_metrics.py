@@ -43,6 +43,7 @@ from dashboards.promql import exposition_names, metric_names
 from posflow.settings import KafkaSettings, PostgresSettings, Settings
 from posflow.stack import Stack, ensure_topics
 from posflow.storage import migrate
+from posflow.storage.databases import create_database
 from tests.conftest import ROOT, free_port, unique
 from tests.integration._settlement_reference import envelope
 from tests.unit import samples
@@ -115,7 +116,7 @@ class Run:
 def _database(settings: Settings) -> str:
     name = unique("dashm").replace("-", "_")
     with psycopg.connect(settings.postgres.dsn(), autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"'.encode())
+        create_database(admin, name)
     pg = PostgresSettings(**{**settings.postgres.model_dump(), "database": name})
     with psycopg.connect(pg.dsn(), autocommit=True) as conn:
         migrate(conn)

@@ -27,6 +27,7 @@ from posflow.contracts import Accepted, IngestEnvelope, validate_message
 from posflow.contracts.money import FeePlan
 from posflow.settings import PostgresSettings
 from posflow.storage import detect_path, migrate
+from posflow.storage.databases import create_database
 from posflow.storage.ledger import LedgerEntry, LedgerWriter
 from posflow.storage.settlement import payout
 from posflow.storage.writers import TelemetryWriter, TransactionWriter
@@ -229,7 +230,7 @@ def filled(request: pytest.FixtureRequest) -> Iterator[tuple[PostgresSettings, d
     request.getfixturevalue("stack")
     name = unique("dash").replace("-", "_")
     with psycopg.connect(settings.postgres.dsn(), autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"'.encode())
+        create_database(admin, name)
     pg = PostgresSettings(**{**settings.postgres.model_dump(), "database": name})
     try:
         yield pg, _fill(pg)

@@ -21,6 +21,7 @@ from posflow.contracts import Transaction
 from posflow.contracts.money import FeePlan, SettlementRule
 from posflow.settings import PostgresSettings
 from posflow.storage import migrate
+from posflow.storage.databases import create_database
 from posflow.storage.ledger import LedgerWriter
 from posflow.storage.settlement import release_due
 from streams.settlement import to_entry
@@ -52,7 +53,7 @@ def ledger_db(settings: Any, stack: Any) -> Iterator[Conn]:
 
     name = f"t_settle_{secrets.token_hex(4)}"
     with psycopg.connect(settings.postgres.dsn(), autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        create_database(admin, name)
     pg = PostgresSettings(**{**settings.postgres.model_dump(), "database": name})
     with psycopg.connect(pg.dsn(), autocommit=True) as conn:
         migrate(conn)
