@@ -61,3 +61,10 @@ def stack(settings: Settings) -> Stack:
     stack = Stack(settings)
     stack.up()
     return stack
+
+
+@pytest.fixture
+def storage_path() -> str:
+    """The storage path of a test's database: TimescaleDB unless parametrized (see
+    tests/integration/conftest.py, BOTH_PATHS)."""
+    return "timescaledb"

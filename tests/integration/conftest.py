@@ -45,12 +45,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture
-def storage_path() -> str:
-    """The storage path of the test's database: TimescaleDB unless parametrized."""
-    return "timescaledb"
-
-
-@pytest.fixture
 def pg(settings: Settings, stack: Stack, storage_path: str) -> Iterator[PostgresSettings]:
     """A fresh, empty database of this test's own, on the TimescaleDB or the plain path.
 
