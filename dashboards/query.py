@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
+import psycopg
 
 from dashboards._targets import PG_UID
 from dashboards.macros import TimeRange, Variable, parse_interval, replace_variables
@@ -75,9 +76,16 @@ def postgres_datasource(
 ) -> Iterator[str]:
     """A datasource like ``like`` (the provisioned one) on another database; yields its uid.
 
-    It is deleted afterwards. The password goes in Grafana's encrypted secure fields.
+    Its TimescaleDB switch follows that database (``$__timeGroup`` becomes
+    ``time_bucket()`` only when the extension is there). It is deleted afterwards. The
+    password goes in Grafana's encrypted secure fields.
     """
     model = _ok(client.get(f"/api/datasources/uid/{like}"), f"datasource {like}")
+    with psycopg.connect(database.dsn()) as conn:
+        timescaledb = (
+            conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'").fetchone()
+            is not None
+        )
     uid = f"posflow-tmp-{secrets.token_hex(4)}"
     body = {
         "uid": uid,
@@ -88,7 +96,11 @@ def postgres_datasource(
         "user": database.user,
         # Grafana 9 reads the database here, Grafana 10+ from jsonData.
         "database": database.database,
-        "jsonData": {**model.get("jsonData", {}), "database": database.database},
+        "jsonData": {
+            **model.get("jsonData", {}),
+            "database": database.database,
+            "timescaledb": timescaledb,
+        },
         "secureJsonData": {"password": database.password.get_secret_value()},
     }
     _ok(client.post("/api/datasources", json=body), f"creating datasource {uid}")
