@@ -197,7 +197,9 @@ class StorageSettings(_Section):
         default=400, ge=1, description="rollups and transactions (analytics)"
     )
     compress_after_days: int = Field(
-        default=2, ge=1, description="TimescaleDB: compress telemetry chunks older than this"
+        default=2,
+        ge=1,
+        description="TimescaleDB: compress telemetry and health chunks older than this",
     )
     partitions_ahead_days: int = Field(default=3, ge=1, description="plain PostgreSQL")
     partitions_behind_days: int = Field(default=2, ge=0, description="plain PostgreSQL")

@@ -13,6 +13,9 @@ from posflow.settings import StorageSettings
 
 __all__ = ["apply_timescaledb_policies"]
 
+# Segment by terminal, newest first (migrations 0002 and 0010). The ledger, the audit
+# trail and every other plain table have no policy: they are never compressed or expired.
+_COMPRESSED = ("telemetry", "terminal_health")
 _RETENTION = {
     "telemetry": "raw",
     "terminal_health": "raw",
@@ -23,15 +26,15 @@ _RETENTION = {
 def apply_timescaledb_policies(
     conn: psycopg.Connection[tuple[object, ...]], storage: StorageSettings
 ) -> None:
-    """Compression of raw telemetry (segment by terminal) and retention, from settings."""
+    """Compression of telemetry and health windows (segment by terminal) and retention."""
     days = {"raw": storage.raw_retention_days, "rollup": storage.rollup_retention_days}
     with conn.transaction():
-        conn.execute("SELECT remove_compression_policy('telemetry', if_exists => true)")
-        conn.execute(
-            "SELECT add_compression_policy('telemetry',"
-            " compress_after => make_interval(days => %s))",
-            [storage.compress_after_days],
-        )
+        for table in _COMPRESSED:
+            conn.execute("SELECT remove_compression_policy(%s, if_exists => true)", [table])
+            conn.execute(
+                "SELECT add_compression_policy(%s, compress_after => make_interval(days => %s))",
+                [table, storage.compress_after_days],
+            )
         for table, kind in _RETENTION.items():
             conn.execute("SELECT remove_retention_policy(%s, if_exists => true)", [table])
             conn.execute(

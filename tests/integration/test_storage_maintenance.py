@@ -86,6 +86,7 @@ def test_concurrent_timescaledb_upkeep_runs_every_policy_job_cleanly(
         jobs = sorted(run.job for run in result["jobs"])  # type: ignore[attr-defined]
         assert jobs == [
             "policy_compression telemetry",
+            "policy_compression terminal_health",
             "policy_refresh_continuous_aggregate telemetry_1h",
             "policy_refresh_continuous_aggregate telemetry_1m",
             "policy_retention telemetry",
