@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install stack-up stack-down lint typecheck unit integration clean
+.PHONY: demo test install test-tools stack-up stack-down lint typecheck unit integration clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -19,6 +19,14 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 install: $(STAMP)
+
+# What only the tests use, from Debian: docker-compose parses docker-compose.yml (no engine
+# needed), Chromium loads the dashboards as a browser does.
+test-tools:
+	@command -v docker-compose >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1 || { \
+	  apt-get update -q >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	    docker-compose chromium >/dev/null; }
 
 stack-up: install
 	$(BIN)/posflow stack up
@@ -45,7 +53,7 @@ unit: install
 integration: stack-up
 	$(BIN)/pytest tests/integration
 
-test: stack-up lint typecheck
+test: stack-up test-tools lint typecheck
 	$(BIN)/pytest
 
 clean: stack-down

@@ -226,3 +226,13 @@ def test_compose_prometheus_scrapes_each_posflow_service_by_its_compose_name(
     assert "ingest" in compose["services"]
     assert targets == {"prometheus": ["localhost:9090"], **expected}
     assert config["global"]["scrape_interval"] == f"{Settings().prometheus.scrape_interval_s}s"
+
+
+def test_compose_runs_the_timescaledb_and_postgresql_versions_ci_tests(
+    compose: dict[str, Any],
+) -> None:
+    from posflow.settings import StackSettings
+
+    image = compose["services"]["timescaledb"]["image"]
+    pinned = StackSettings().timescaledb_version
+    assert image == f"timescale/timescaledb:{pinned}-pg15", (image, pinned)
