@@ -280,6 +280,23 @@ def _rawsink(dash: db.Dashboard) -> db.Dashboard:
                 w=24,
             )
         )
+        .with_panel(
+            _series(
+                "TimescaleDB policy jobs run by the sink's upkeep, by outcome (failed: look)",
+                prom(
+                    f"sum by (job, outcome) (increase({m}_storage_job_runs_total[1h]))",
+                    "{{job}} {{outcome}}",
+                    ref_id="A",
+                ),
+            ).decimals(0)
+        )
+        .with_panel(
+            _series(
+                "TimescaleDB scheduler: failures it recorded per job (this PostgreSQL build"
+                " records false failures; trust the sink's runs and the data)",
+                prom(f"max by (job) ({m}_scheduler_job_failures)", "{{job}}", ref_id="A"),
+            ).decimals(0)
+        )
     )
 
 

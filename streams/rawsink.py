@@ -103,19 +103,19 @@ class RawSinkMetrics:
             "posflow_rawsink_maintenance_runs", "storage upkeep runs", ["outcome"], registry=r
         )
         self.storage_jobs = Counter(
-            "posflow_storage_job_runs",
+            "posflow_rawsink_storage_job_runs",
             "TimescaleDB policy jobs run by the sink's upkeep, by job and outcome",
             ["job", "outcome"],
             registry=r,
         )
         self.scheduler_failures = Gauge(
-            "posflow_storage_scheduler_job_failures",
+            "posflow_rawsink_scheduler_job_failures",
             "failures TimescaleDB's background scheduler recorded for a policy job (job_stats)",
             ["job"],
             registry=r,
         )
         self.scheduler_last_success = Gauge(
-            "posflow_storage_scheduler_job_last_success_timestamp",
+            "posflow_rawsink_scheduler_job_last_success_timestamp",
             "unix time of a policy job's last successful scheduler run (0: never)",
             ["job"],
             registry=r,

@@ -325,7 +325,9 @@ async def test_sink_writes_exact_rows_once_dead_letters_bad_records_and_keeps_go
                 "policy_retention telemetry",
             ):
                 assert (
-                    _metric(text, f'posflow_storage_job_runs_total{{job="{job}",outcome="ok"}}')
+                    _metric(
+                        text, f'posflow_rawsink_storage_job_runs_total{{job="{job}",outcome="ok"}}'
+                    )
                     >= 1
                 ), job
                 assert f'job_runs_total{{job="{job}",outcome="failed"}}' not in text, job
