@@ -305,11 +305,29 @@ def _register_services() -> None:
 _register_services()
 
 
+def _click_classes() -> tuple[tuple[type[Any], ...], tuple[type[Any], ...], tuple[type[Any], ...]]:
+    """Click's exit, usage-error and abort exceptions: typer 0.2x raises its own vendored
+    click's (``typer._click``), which the ``click`` package's classes do not catch."""
+    exits: list[type[Any]] = [click.exceptions.Exit, typer.Exit]
+    errors: list[type[Any]] = [click.ClickException]
+    aborts: list[type[Any]] = [click.exceptions.Abort, typer.Abort]
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:  # a typer that uses the click package itself
+        pass
+    else:
+        errors.append(vendored.ClickException)
+    return tuple(exits), tuple(errors), tuple(aborts)
+
+
+_EXITS, _USAGE_ERRORS, _ABORTS = _click_classes()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors print one line to stderr and exit non-zero, no traceback."""
     try:
         # Without standalone mode click returns a command's exit code instead of exiting.
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="posflow", standalone_mode=False)
     except PosflowError as exc:
         _err.print(f"posflow: error: {exc}", markup=False, highlight=False, soft_wrap=True)
         if exc.detail:
@@ -320,12 +338,12 @@ def main(argv: list[str] | None = None) -> int:
                 soft_wrap=True,
             )
         return 1
-    except click.exceptions.Exit as exc:
+    except _EXITS as exc:
         return int(exc.exit_code)
-    except click.ClickException as exc:
+    except _USAGE_ERRORS as exc:
         exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
+        return int(exc.exit_code)
+    except _ABORTS:
         _err.print("posflow: aborted")
         return 130
     except KeyboardInterrupt:

@@ -221,16 +221,18 @@ _KINDS = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["timescaledb", "plain"])
 def filled(request: pytest.FixtureRequest) -> Iterator[tuple[PostgresSettings, dict[str, Any]]]:
-    # The `pg` fixture is function-scoped; one database for the module keeps this fast.
+    # The `pg` fixture is function-scoped; one database per storage path for the module.
     from tests.conftest import unique
 
     settings = request.getfixturevalue("settings")
     request.getfixturevalue("stack")
     name = unique("dash").replace("-", "_")
     with psycopg.connect(settings.postgres.dsn(), autocommit=True) as admin:
-        create_database(admin, name)
+        got = create_database(admin, name, path=None if request.param == "timescaledb" else "plain")
+    if request.param == "timescaledb" and settings.stack.require_timescaledb:
+        assert got == "timescaledb"
     pg = PostgresSettings(**{**settings.postgres.model_dump(), "database": name})
     try:
         yield pg, _fill(pg)
