@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -411,8 +412,11 @@ def _finish(
     expected = stored = 0
     if counts is not None:
         expected = expected_rows(counts)
+        # This run's rows only: the same fleet may have run on this database before.
+        run_start = datetime.now(UTC) - timedelta(seconds=time.monotonic() - started)
         stored = max(0, wait_for_rows(watcher.dsn, options.fleet_id, expected,
-                                      timeout_s=options.drain_s, still_s=2.0))  # fmt: skip
+                                      timeout_s=options.drain_s, still_s=2.0,
+                                      since=run_start))  # fmt: skip
     sup.stop()
     published = snap.stage_totals.get("published (MQTT)", 0.0)
     received = snap.stage_totals.get("received from MQTT", 0.0)

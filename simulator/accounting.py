@@ -15,6 +15,7 @@ from array import array
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from simulator.engine import EXPECT_DUPLICATE, EXPECT_OK, Message
@@ -45,22 +46,36 @@ def expected_rows(counts: Mapping[str, Any]) -> int:
     )
 
 
-def wait_for_rows(dsn: str, fleet: str, expected: int, *, timeout_s: float, still_s: float) -> int:
+def wait_for_rows(
+    dsn: str,
+    fleet: str,
+    expected: int,
+    *,
+    timeout_s: float,
+    still_s: float,
+    since: datetime | None = None,
+) -> int:
     """The fleet's rows in ``telemetry`` + ``transactions`` once the raw sink has them all,
-    has not moved for ``still_s``, or ``timeout_s`` passed (-1: the database never answered)."""
+    has not moved for ``still_s``, or ``timeout_s`` passed (-1: the database never answered).
+
+    ``since``: only rows the bridge received from then on (this run's, when the same fleet
+    ran on this database before)."""
     import psycopg
 
     like = f"T-{fleet}-%"
+    after = since or datetime.min.replace(tzinfo=UTC)
     query = (
-        b"SELECT (SELECT count(*) FROM telemetry WHERE terminal_id LIKE %s)"
-        b" + (SELECT count(*) FROM transactions WHERE terminal_id LIKE %s)"
+        b"SELECT (SELECT count(*) FROM telemetry WHERE terminal_id LIKE %s"
+        b" AND received_at >= %s)"
+        b" + (SELECT count(*) FROM transactions WHERE terminal_id LIKE %s"
+        b" AND received_at >= %s)"
     )
     start = time.monotonic()
     stored, still_since = -1, start
     while True:
         try:
             with psycopg.connect(dsn, autocommit=True, connect_timeout=3) as conn:
-                row = conn.execute(query, (like, like)).fetchone()
+                row = conn.execute(query, (like, after, like, after)).fetchone()
             now_stored = int(row[0]) if row else 0
         except psycopg.Error:
             now_stored = stored
