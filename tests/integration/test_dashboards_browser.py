@@ -30,6 +30,7 @@ from dashboards.query import grafana_client, postgres_datasource
 from posflow.settings import PostgresSettings, Settings
 from posflow.stack import Stack
 from posflow.stack.grafana import basic_auth
+from posflow.storage.databases import create_database
 from tests.conftest import unique
 from tests.integration._browser import browser, chromium_binary, settle
 from tests.integration.test_dashboards_sql import NOW, _fill
@@ -61,7 +62,7 @@ def published(settings: Settings, stack: Stack) -> Iterator[dict[str, dict[str, 
         pytest.skip(f"the stack runs without Grafana here: {missing}")
     name = unique("dashb").replace("-", "_")
     with psycopg.connect(settings.postgres.dsn(), autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"'.encode())
+        create_database(admin, name)
     pg = PostgresSettings(**{**settings.postgres.model_dump(), "database": name})
     suffix = secrets.token_hex(3)
     folder = f"posflow-test-{suffix}"

@@ -19,6 +19,7 @@ from dashboards import catalog
 from dashboards.query import PanelResult, grafana_client, postgres_datasource, query_dashboards
 from posflow.settings import PostgresSettings, Settings
 from posflow.stack import Stack
+from posflow.storage.databases import create_database
 from tests.conftest import unique
 from tests.integration.test_dashboards_sql import NOW, _fill
 
@@ -32,7 +33,7 @@ def results(settings: Settings, stack: Stack) -> Iterator[list[PanelResult]]:
         pytest.skip(f"the stack runs without Grafana here: {missing}")
     name = unique("dashg").replace("-", "_")
     with psycopg.connect(settings.postgres.dsn(), autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"'.encode())
+        create_database(admin, name)
     pg = PostgresSettings(**{**settings.postgres.model_dump(), "database": name})
     try:
         _fill(pg)
