@@ -26,7 +26,7 @@ _ROLES = "merchant, support_agent, support_lead, finance, security_admin"
 
 
 def _settings(*, production_check: bool = False) -> Settings:
-    from posflow.cli import _settings as load
+    from posflow.cli_support import load_settings as load
 
     settings = load()
     if production_check:
@@ -37,7 +37,7 @@ def _settings(*, production_check: bool = False) -> Settings:
 
 
 def _connect() -> psycopg.Connection[tuple[Any, ...]]:
-    from posflow.cli import _connect as connect
+    from posflow.cli_support import connect
 
     return connect()
 
