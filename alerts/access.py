@@ -1,9 +1,9 @@
 """Who may touch the alert engine: staff API keys, the role matrix, the audit trail.
 
 The alert engine's HTTP API authenticates with the keys ``posflow api keys issue
---role ...`` creates (``Authorization: Bearer pf_<key id>_<secret>``), through the
-merchant API's own :class:`api.auth.Authenticator`: one key store, one set of rules
-for revoked keys and revoked merchants. The decision is
+--role ...`` creates (``Authorization: Bearer pf_<key id>_<secret>``), through
+:class:`posflow.security.apiauth.Authenticator`, as the merchant API does: one key store,
+one set of rules for revoked keys and revoked merchants. The decision is
 :func:`posflow.security.roles.authorize` (the one matrix):
 
 =================  ===========================  ==================================
@@ -42,11 +42,11 @@ from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
 from alerts.store import AuditEntry
-from api.auth import Authenticator
-from api.auth import Principal as KeyPrincipal
-from api.keys import parse_key
-from api.problems import PROBLEM_JSON, Problem
+from posflow.security.apiauth import Authenticator
+from posflow.security.apiauth import Principal as KeyPrincipal
+from posflow.security.apikeys import parse_key
 from posflow.security.audit import Outcome
+from posflow.security.problems import PROBLEM_JSON, Problem
 from posflow.security.roles import AccessDeniedError, Action, Target, authorize
 
 __all__ = ["CLIENT_HEADER", "AlertAccess", "Caller", "ProblemError"]

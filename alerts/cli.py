@@ -38,7 +38,7 @@ Key = Annotated[
 
 
 def _settings() -> Settings:
-    from posflow.cli import _settings as load
+    from posflow.cli_support import load_settings as load
 
     return load()
 

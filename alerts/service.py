@@ -33,9 +33,9 @@ from alerts.metrics import AlertMetrics
 from alerts.notify import KafkaChannel, LogChannel, Notifier, Outbox, WebhookChannel
 from alerts.rules import RuleSet, load_rules, parse_duration, read_rules_file
 from alerts.store import AlertStore, AuditEntry
-from api.problems import Problem
 from posflow.errors import PosflowError
 from posflow.kafkalag import ConsumerLag
+from posflow.security.problems import Problem
 from posflow.security.roles import Action, Target
 from posflow.security.tls import kafka_ssl_options, postgres_dsn
 from posflow.settings import Settings

@@ -29,9 +29,9 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from api.auth import Principal, not_found_for
-from api.problems import Problem
+from posflow.security.apiauth import Principal, not_found_for
 from posflow.security.audit import record
+from posflow.security.problems import Problem
 from posflow.security.roles import (
     AccessDeniedError,
     Action,

@@ -16,12 +16,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
 from api.access import Access
-from api.auth import Authenticator
 from api.feed import FeedHub
 from api.metrics import ApiMetrics, RequestMetricsMiddleware
 from api.problems import install_handlers
 from api.ratelimit import RateLimiter
 from api.routes import ApiContext, make_router, make_staff_router
+from posflow.security.apiauth import Authenticator
 from posflow.security.tls import postgres_dsn
 from posflow.settings import Settings
 

@@ -26,7 +26,7 @@ _ROLES = "merchant, support_agent, support_lead, finance, security_admin"
 
 
 def _settings(*, production_check: bool = False) -> Settings:
-    from posflow.cli import _settings as load
+    from posflow.cli_support import load_settings as load
 
     settings = load()
     if production_check:
@@ -37,7 +37,7 @@ def _settings(*, production_check: bool = False) -> Settings:
 
 
 def _connect() -> psycopg.Connection[tuple[Any, ...]]:
-    from posflow.cli import _connect as connect
+    from posflow.cli_support import connect
 
     return connect()
 
@@ -92,8 +92,8 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one closure per comma
         actor: Actor = None,
     ) -> None:
         """Create a key and print it once (only its hash is stored)."""
-        from api.keys import issue_key
         from posflow.errors import PosflowError
+        from posflow.security.apikeys import issue_key
         from posflow.security.audit import record
         from posflow.security.roles import Action, Principal, Role, Target, authorize_audited
 
@@ -149,7 +149,7 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one closure per comma
         actor: Actor = None,
     ) -> None:
         """Revoke a key: requests with it get 401 from then on."""
-        from api.keys import revoke_key
+        from posflow.security.apikeys import revoke_key
         from posflow.security.audit import record
         from posflow.security.roles import Action, Principal, Role, Target, authorize_audited
 
@@ -180,8 +180,8 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one closure per comma
         role: Annotated[str | None, typer.Option("--role", help=_ROLES)] = None,
     ) -> None:
         """Keys of a merchant or a role: id, state, created, label (never the secret)."""
-        from api.keys import list_keys
         from posflow.errors import PosflowError
+        from posflow.security.apikeys import list_keys
         from posflow.security.roles import Role
 
         if merchant is None and role is None:

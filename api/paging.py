@@ -13,7 +13,7 @@ import binascii
 import re
 from datetime import datetime
 
-from api.problems import Problem, bad_parameter
+from posflow.security.problems import Problem, bad_parameter
 
 __all__ = ["decode_cursor", "encode_cursor", "parse_time"]
 

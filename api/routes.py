@@ -14,7 +14,6 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from psycopg_pool import AsyncConnectionPool
 
 from api.access import Access, ListLevel
-from api.auth import Authenticator, Principal
 from api.feed import FeedHub, fetch_events
 from api.metrics import ApiMetrics
 from api.models import (
@@ -28,9 +27,11 @@ from api.models import (
     TransactionsPage,
 )
 from api.paging import decode_cursor, encode_cursor, parse_time
-from api.problems import Problem, bad_parameter, problem_responses
+from api.problems import problem_responses
 from api.ratelimit import RateLimiter
 from api.stream import event_stream
+from posflow.security.apiauth import Authenticator, Principal
+from posflow.security.problems import Problem, bad_parameter
 from posflow.settings import ApiSettings
 
 __all__ = ["ApiContext", "make_router", "make_staff_router"]

@@ -18,8 +18,14 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import dashboard as model
 from grafana_foundation_sdk.models import prometheus as prom_model
 
-from dashboards import alerts, fleet, merchant, pipeline, terminal
+# The builders by module path, not through the package: dashboards/__init__.py
+# re-exports this module, so importing from the package here would be a cycle.
 from dashboards._targets import PG, Column, SqlQuery
+from dashboards.alerts import build as alerts_dashboard
+from dashboards.fleet import build as fleet_dashboard
+from dashboards.merchant import build as merchant_dashboard
+from dashboards.pipeline import build as pipeline_dashboard
+from dashboards.terminal import build as terminal_dashboard
 
 __all__ = [
     "BUILDERS",
@@ -38,11 +44,11 @@ JSON_DIR = Path(__file__).resolve().parent / "json"
 
 # File name (without .json) -> builder.
 BUILDERS: dict[str, Callable[[], db.Dashboard]] = {
-    "fleet": fleet.build,
-    "terminal": terminal.build,
-    "merchant": merchant.build,
-    "alerts": alerts.build,
-    "pipeline": pipeline.build,
+    "fleet": fleet_dashboard,
+    "terminal": terminal_dashboard,
+    "merchant": merchant_dashboard,
+    "alerts": alerts_dashboard,
+    "pipeline": pipeline_dashboard,
 }
 
 

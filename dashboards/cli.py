@@ -51,13 +51,13 @@ def publish(
     """Push the dashboards to Grafana (POSFLOW_GRAFANA__URL, token or user/password)."""
     from dashboards import catalog
     from dashboards.publish import publish as push
-    from posflow.cli import _settings
+    from posflow.cli_support import load_settings
 
     if source is None:
         bodies = {name: json.loads(catalog.render(d)) for name, d in catalog.build_all().items()}
     else:
         bodies = {p.stem: json.loads(p.read_text("utf-8")) for p in sorted(source.glob("*.json"))}
-    settings = _settings().grafana
+    settings = load_settings().grafana
     done = push(
         settings, bodies, overwrite=overwrite, progress=lambda line: typer.echo(f"  {line}")
     )

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import click
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from posflow.cli_support import connect, console, load_settings
 from posflow.errors import PosflowError
-from posflow.settings import Settings
-from simulator.cli import AlwaysOpen, Merchants, TxnScale
-
-if TYPE_CHECKING:
-    import psycopg
+from simulator.cli import AlwaysOpen, Merchants, Terminals, TxnScale
 
 __all__ = ["app", "main"]
 
@@ -37,21 +33,7 @@ app.add_typer(db_app, name="db")
 contracts_app = typer.Typer(help="The wire contracts terminals and services share.")
 app.add_typer(contracts_app, name="contracts")
 
-# A wide console when piped, so status tables stay one row per service in logs and CI.
-_out = Console(width=None if sys.stdout.isatty() else 200)
 _err = Console(stderr=True)
-
-
-def _settings() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = "POSFLOW_" + "__".join(str(p).upper() for p in first["loc"])
-        raise PosflowError(
-            f"invalid setting {where}: {first['msg']}",
-            fix=f"correct or unset the environment variable {where}",
-        ) from None
 
 
 ServiceNames = Annotated[
@@ -67,8 +49,8 @@ def stack_up(services: ServiceNames = None) -> None:
     """Install what is missing, start each service and wait until it answers."""
     from posflow.stack import Stack
 
-    Stack(_settings()).up(services, progress=lambda line: _out.print(f"  {line}"))
-    _out.print("[green]stack is up[/green]  (`posflow stack status` for addresses and versions)")
+    Stack(load_settings()).up(services, progress=lambda line: console.print(f"  {line}"))
+    console.print("[green]stack is up[/green]  (`posflow stack status` for addresses and versions)")
 
 
 @stack_app.command("down")
@@ -76,7 +58,7 @@ def stack_down(services: ServiceNames = None) -> None:
     """Stop the services the stack started (by pid); data stays in the stack directory."""
     from posflow.stack import Stack
 
-    Stack(_settings()).down(services, progress=lambda line: _out.print(f"  {line}"))
+    Stack(load_settings()).down(services, progress=lambda line: console.print(f"  {line}"))
 
 
 @stack_app.command("status")
@@ -88,7 +70,7 @@ def stack_status() -> None:
     """
     from posflow.stack import Stack
 
-    rows = Stack(_settings()).status()
+    rows = Stack(load_settings()).status()
     table = Table("service", "state", "address", "version", "pid", "detail")
     for row in rows:
         colour = {"running": "green", "not available": "yellow"}.get(row.state, "red")
@@ -100,7 +82,7 @@ def stack_status() -> None:
             str(row.pid or "-"),
             row.detail,
         )
-    _out.print(table)
+    console.print(table)
     if any(row.state not in ("running", "not available") for row in rows):
         raise typer.Exit(1)
 
@@ -110,10 +92,10 @@ def stack_check() -> None:
     """A short round trip through every service; exits 1 if any fails."""
     from posflow.stack.smoke import run_checks
 
-    results = run_checks(_settings())
+    results = run_checks(load_settings())
     for result in results:
         mark = "[green]ok  [/green]" if result.ok else "[red]FAIL[/red]"
-        _out.print(f"  {mark} {result.service:<10} {result.what}")
+        console.print(f"  {mark} {result.service:<10} {result.what}")
     if not all(result.ok for result in results):
         raise typer.Exit(1)
 
@@ -128,24 +110,7 @@ def stack_logs(
     """Show the end of a service's log."""
     from posflow.stack import Stack
 
-    print(Stack(_settings()).logs(service, lines))
-
-
-def _connect() -> psycopg.Connection[tuple[Any, ...]]:
-    import psycopg
-
-    settings = _settings()
-    try:
-        from posflow.security.tls import postgres_dsn
-
-        return psycopg.connect(postgres_dsn(settings), autocommit=True)
-    except psycopg.OperationalError as exc:
-        pg = settings.postgres
-        raise PosflowError(
-            f"cannot connect to PostgreSQL at {pg.host}:{pg.port} database {pg.database}: "
-            f"{str(exc).strip().splitlines()[0]}",
-            fix="start it (`posflow stack up postgres`) or set POSFLOW_POSTGRES__HOST/__PORT",
-        ) from None
+    print(Stack(load_settings()).logs(service, lines))
 
 
 @db_app.command("migrate")
@@ -153,12 +118,12 @@ def db_migrate() -> None:
     """Apply pending migrations (safe to run twice, and from two processes at once)."""
     from posflow.storage import detect_path, migrate
 
-    with _connect() as conn:
+    with connect() as conn:
         applied = migrate(conn)
         path = detect_path(conn)
     for migration in applied:
-        _out.print(f"  applied {migration.version:04d}_{migration.name}")
-    _out.print(f"schema up to date ({len(applied)} applied now), storage path: {path}")
+        console.print(f"  applied {migration.version:04d}_{migration.name}")
+    console.print(f"schema up to date ({len(applied)} applied now), storage path: {path}")
 
 
 @db_app.command("maintain")
@@ -167,20 +132,20 @@ def db_maintain() -> None:
     from posflow.storage.maintenance import maintain
     from posflow.storage.setup import prepare_database, retention_of
 
-    settings = _settings()
-    with _connect() as conn:
+    settings = load_settings()
+    with connect() as conn:
         path = prepare_database(conn, settings.storage)
         result = maintain(conn, retention_of(settings.storage)) if path == "timescaledb" else {}
     for run in result.get("jobs", []):  # type: ignore[attr-defined]
         outcome = "ok" if run.ok else f"FAILED: {run.error}"
-        _out.print(f"  job {run.job_id} {run.job}: {outcome} ({run.seconds:.2f} s)")
+        console.print(f"  job {run.job_id} {run.job}: {outcome} ({run.seconds:.2f} s)")
     if path == "timescaledb":
-        _out.print(
+        console.print(
             "storage maintained (timescaledb): the policy jobs ran in this session, not left "
             "to TimescaleDB's background scheduler (see docs/operations.md)"
         )
     else:
-        _out.print(f"storage maintained ({path})")
+        console.print(f"storage maintained ({path})")
     if result.get("failed"):
         raise SystemExit(1)
 
@@ -195,7 +160,7 @@ def contracts_export(
     from posflow.contracts import export_schemas
 
     for path in export_schemas(out):
-        _out.print(f"  wrote {path}")
+        console.print(f"  wrote {path}")
 
 
 @app.command("demo")
@@ -231,9 +196,54 @@ def demo(  # noqa: PLR0917 - typer options
         txn_scale=txn_scale,
         always_open=always_open,
     )
-    summary = run_main(_settings(), options, _out)
+    summary = run_main(load_settings(), options, console)
     if summary_json is not None:
         summary_json.write_text(summary.to_json())
+
+
+def loadtest(  # noqa: PLR0917 - typer options
+    terminals: Terminals = 2000,
+    duration: Annotated[float, typer.Option("--duration", "-d", help="run seconds")] = 60,
+    ramp: Annotated[float, typer.Option(help="terminals coming online per second")] = 500,
+    telemetry_s: Annotated[int, typer.Option(help="telemetry interval per terminal")] = 10,
+    txn_scale: TxnScale = 1.0,
+    max_real: Annotated[int, typer.Option(help="terminals with their own connection")] = 19_000,
+    gateways: Annotated[int, typer.Option(help="multiplexed connections for the rest")] = 8,
+    scenario: Annotated[str | None, typer.Option(help="fault scenario")] = None,
+    out_dir: Annotated[Path, typer.Option(help="report directory")] = Path("docs/benchmarks"),
+    name: Annotated[str, typer.Option(help="report file name (.json, .md)")] = "loadtest-run",
+    keep_database: Annotated[bool, typer.Option(help="keep the run's database")] = False,
+) -> None:
+    """Ramp a fleet up over MQTT, account for every message, write a JSON + Markdown report."""
+    import asyncio
+    import shlex
+
+    from simulator.loadtest import LoadTestOptions, run_loadtest
+
+    opts = LoadTestOptions(
+        terminals=terminals, duration_s=duration, ramp_per_s=ramp, telemetry_s=telemetry_s,
+        txn_scale=txn_scale, max_real=max_real, gateways=gateways, scenario=scenario,
+        out_dir=out_dir, name=name, keep_database=keep_database,
+        command="posflow " + shlex.join(sys.argv[1:]),
+    )  # fmt: skip
+    report = asyncio.run(run_loadtest(load_settings(), opts, console))
+    a = report["accounting"]
+    console.print(
+        f"sent {a['sent']:,}  delivered {a['delivered']:,}  expected dead letters "
+        f"{a['dead_letters_expected']:,}  lost [bold]{a['lost']:,}[/bold]  "
+        f"unexpected duplicates {a['duplicates_unexpected']:,}  "
+        f"publish->Kafka {a['latency_publish_to_kafka_ms']}"
+    )
+    console.print(f"report: {out_dir / name}.json and .md")
+    if report["pipeline_exited_during_run"]:
+        console.print(f"[red]pipeline processes died: {report['pipeline_exited_during_run']}")
+    lost_db = report["database"].get("lost_before_database", 0)
+    console.print(
+        f"database: {report['database'].get('stored_rows', 0):,} rows stored, "
+        f"lost before the database [bold]{lost_db:,}[/bold]"
+    )
+    if a["lost"] or lost_db or report["pipeline_exited_during_run"]:
+        raise typer.Exit(1)
 
 
 streams_app = typer.Typer(help="The faust-streaming health workers.")
@@ -245,7 +255,7 @@ def streams_worker() -> None:
     """Run a health worker (more workers with the same app id share the partitions)."""
     from streams.app import run_worker
 
-    run_worker(_settings())
+    run_worker(load_settings())
 
 
 @streams_app.command("sink")
@@ -256,7 +266,7 @@ def streams_sink() -> None:
     from posflow.logs import configure_logging
     from streams.rawsink import build
 
-    settings = _settings()
+    settings = load_settings()
     configure_logging()
 
     async def serve() -> None:
@@ -276,7 +286,7 @@ def ingest_run() -> None:
     from posflow.logs import configure_logging
     from posflow.security import refuse_dev_defaults
 
-    settings = _settings()
+    settings = load_settings()
     refuse_dev_defaults(settings)
     configure_logging()
     asyncio.run(build(settings).run())
@@ -300,6 +310,9 @@ def _register_services() -> None:
         register_security,
     ):
         register(app)
+    # The load test drives the simulator and the pipeline: a command of the top layer,
+    # listed after `simulate` as before.
+    app.command("loadtest")(loadtest)
 
 
 _register_services()

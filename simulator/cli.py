@@ -1,9 +1,7 @@
-"""The simulator's and the load test's commands."""
+"""The simulator's commands (``posflow fleet``, ``posflow simulate``)."""
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -12,7 +10,7 @@ import typer
 if TYPE_CHECKING:
     from simulator.fleet import Fleet
 
-__all__ = ["AlwaysOpen", "Merchants", "TxnScale", "register"]
+__all__ = ["AlwaysOpen", "Merchants", "Terminals", "TxnScale", "register"]
 
 Terminals = Annotated[int, typer.Option("--terminals", "-n", min=1, help="fleet size")]
 FleetName = Annotated[str, typer.Option("--fleet", help="fleet name: prefix of every id")]
@@ -49,7 +47,7 @@ def _fleet(
     return build_fleet(terminals, seed=seed, name=name, at=at, merchants=merchants)
 
 
-def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one nested function per command
+def register(app: typer.Typer) -> None:
     """Add the simulator's commands to the ``posflow`` command line."""
     fleet_app = typer.Typer(help="Simulated fleets: merchants, terminals, their accounts.")
     app.add_typer(fleet_app, name="fleet")
@@ -71,15 +69,15 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one nested function p
         ] = False,
     ) -> None:
         """Register a fleet (same seed, same fleet) in the database and in Mosquitto."""
-        from posflow.cli import _out, _settings
+        from posflow.cli_support import console, load_settings
         from simulator.register import register_fleet
 
-        settings = _settings()
+        settings = load_settings()
         built = _fleet(terminals, settings.simulator.seed, fleet, merchants)
         done = register_fleet(
             settings, built, database=database, mqtt=mqtt, certificates=certificates
         )
-        _out.print(
+        console.print(
             f"fleet {fleet}: {done['merchants']:,} merchants, {done['terminals']:,} terminals in "
             f"the database; {done['mqtt_accounts']:,} MQTT accounts"
             + (f"; {done['certificates']:,} certificates issued" if certificates else "")
@@ -139,14 +137,14 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one nested function p
         import math
         import time
 
-        from posflow.cli import _out, _settings
+        from posflow.cli_support import console, load_settings
         from posflow.errors import PosflowError
         from posflow.logs import configure_logging
         from simulator.engine import Run
         from simulator.scenarios import load_scenario
         from simulator.service import SimulateOptions, build
 
-        settings = _settings()
+        settings = load_settings()
         endless = forever or duration == 0
         if endless and offline is not None:
             raise PosflowError(
@@ -164,7 +162,7 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one nested function p
                 for m in run.all():
                     out.write(json.dumps({"at": m.at, "topic": m.topic, "expect": m.expect,
                                           "payload": m.payload.decode()}) + "\n")  # fmt: skip
-            _out.print(f"messages written to {offline}")
+            console.print(f"messages written to {offline}")
             return
         configure_logging()
         options = SimulateOptions(
@@ -173,49 +171,6 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one nested function p
         sim = build(settings, built, run, options)
         asyncio.run(sim.run_until_done())
         # One line, never wrapped: the main job and the tests read it.
-        _out.print(sim.summary(), soft_wrap=True, markup=False, highlight=False)
+        console.print(sim.summary(), soft_wrap=True, markup=False, highlight=False)
         if summary_json is not None:
             summary_json.write_text(json.dumps(sim.metrics.counts(), indent=2, sort_keys=True))
-
-    @app.command("loadtest")
-    def loadtest(  # noqa: PLR0917 - typer options
-        terminals: Terminals = 2000,
-        duration: Annotated[float, typer.Option("--duration", "-d", help="run seconds")] = 60,
-        ramp: Annotated[float, typer.Option(help="terminals coming online per second")] = 500,
-        telemetry_s: Annotated[int, typer.Option(help="telemetry interval per terminal")] = 10,
-        txn_scale: TxnScale = 1.0,
-        max_real: Annotated[int, typer.Option(help="terminals with their own connection")] = 19_000,
-        gateways: Annotated[int, typer.Option(help="multiplexed connections for the rest")] = 8,
-        scenario: Annotated[str | None, typer.Option(help="fault scenario")] = None,
-        out_dir: Annotated[Path, typer.Option(help="report directory")] = Path("docs/benchmarks"),
-        name: Annotated[str, typer.Option(help="report file name (.json, .md)")] = "loadtest-run",
-        keep_database: Annotated[bool, typer.Option(help="keep the run's database")] = False,
-    ) -> None:
-        """Ramp a fleet up over MQTT, account for every message, write a JSON + Markdown report."""
-        import asyncio
-
-        from posflow.cli import _out, _settings
-        from simulator.loadtest import LoadTestOptions, run_loadtest
-
-        opts = LoadTestOptions(
-            terminals=terminals, duration_s=duration, ramp_per_s=ramp, telemetry_s=telemetry_s,
-            txn_scale=txn_scale, max_real=max_real, gateways=gateways, scenario=scenario,
-            out_dir=out_dir, name=name, keep_database=keep_database,
-            command="posflow " + shlex.join(sys.argv[1:]),
-        )  # fmt: skip
-        report = asyncio.run(run_loadtest(_settings(), opts, _out))
-        a = report["accounting"]
-        _out.print(
-            f"sent {a['sent']:,}  delivered {a['delivered']:,}  expected dead letters "
-            f"{a['dead_letters_expected']:,}  lost [bold]{a['lost']:,}[/bold]  "
-            f"unexpected duplicates {a['duplicates_unexpected']:,}  "
-            f"publish->Kafka {a['latency_publish_to_kafka_ms']}"
-        )
-        _out.print(f"report: {out_dir / name}.json and .md")
-        if report["pipeline_exited_during_run"]:
-            _out.print(f"[red]pipeline processes died: {report['pipeline_exited_during_run']}")
-        lost_db = report["database"].get("lost_before_database", 0)
-        _out.print(f"database: {report['database'].get('stored_rows', 0):,} rows stored, "
-                   f"lost before the database [bold]{lost_db:,}[/bold]")  # fmt: skip
-        if a["lost"] or lost_db or report["pipeline_exited_during_run"]:
-            raise typer.Exit(1)

@@ -5,9 +5,9 @@ The money-moving commands (``posflow payout``, ``posflow settlement set-plan``,
 operator's staff API key (``posflow api keys issue --role finance``) as ``--key`` or,
 better (it stays out of the shell history and the process list), in
 ``POSFLOW_STAFF_KEY`` -- the same convention as ``posflow alerts``. The key is
-checked by the merchant API's own :class:`api.auth.Authenticator` (one key store, one
-set of rules for revoked keys), the decision is :func:`posflow.security.roles.authorize`
-(the one matrix), and:
+checked by :class:`posflow.security.apiauth.Authenticator`, as in the merchant API (one
+key store, one set of rules for revoked keys), the decision is
+:func:`posflow.security.roles.authorize` (the one matrix), and:
 
 - a refusal (no key, unknown or revoked key, a role without the action) is recorded
   on an **autocommit** connection before the command fails, so nothing rolls it back;
@@ -128,7 +128,7 @@ def record_autocommit(
 async def _authenticate(conninfo: str, token: str) -> Any:
     from psycopg_pool import AsyncConnectionPool
 
-    from api.auth import Authenticator
+    from posflow.security.apiauth import Authenticator
 
     pool = AsyncConnectionPool(conninfo, min_size=1, max_size=1, open=False)
     await pool.open(wait=True, timeout=15)
@@ -139,7 +139,7 @@ async def _authenticate(conninfo: str, token: str) -> Any:
 
 
 def _claimed_actor(token: str | None) -> str:
-    from api.keys import parse_key
+    from posflow.security.apikeys import parse_key
 
     key = parse_key(token.strip()) if token else None
     return f"api-key:{key.key_id}" if key is not None else "anonymous"
@@ -155,10 +155,11 @@ def authenticate_operator(
     """The operator behind ``token`` if its role may run ``command``; else a recorded refusal.
 
     ``conn`` is autocommit (the refusal must not roll back); the key is checked by the
-    API's async :class:`~api.auth.Authenticator` on a connection of its own to ``conninfo``.
+    async :class:`~posflow.security.apiauth.Authenticator` on a connection of its own to
+    ``conninfo``.
     Raises PosflowError (one line for the CLI) after recording the refusal.
     """
-    from api.problems import Problem
+    from posflow.security.problems import Problem
 
     source = cli_source()
 

@@ -46,7 +46,7 @@ StaffKey = Annotated[
 
 
 def _settings() -> Settings:
-    from posflow.cli import _settings as load
+    from posflow.cli_support import load_settings as load
     from posflow.security import refuse_dev_defaults
 
     settings = load()

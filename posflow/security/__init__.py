@@ -7,6 +7,9 @@
 - :mod:`posflow.security.audit` -- the hash-chained audit trail and its verification.
 - :mod:`posflow.security.production` -- ``refuse_dev_defaults`` for the production profile.
 - :mod:`posflow.security.tls` -- TLS options of PostgreSQL, Kafka and MQTT clients.
+- :mod:`posflow.security.apikeys` -- API keys (``pf_<key id>_<secret>``): issue, parse, revoke.
+- :mod:`posflow.security.apiauth` -- an API key becomes a principal with a role (HTTP APIs).
+- :mod:`posflow.security.problems` -- RFC 9457 problem details, free of any web framework.
 
 Import from the modules; this package imports nothing heavy on its own.
 """

@@ -20,7 +20,7 @@ from posflow.contracts.money import IntegrityEvent, IntegrityKind, SettlementRul
 from posflow.storage.cashflow import PendingEvent, append_cashflow_events, store_integrity_events
 
 if TYPE_CHECKING:
-    from posflow.storage.ledger import LedgerEntry, LedgerResult
+    from posflow.storage._ledger_records import LedgerEntry, LedgerResult
 
 __all__ = ["UNREGISTERED_RULE", "Batch"]
 

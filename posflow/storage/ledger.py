@@ -31,17 +31,13 @@ Settlement semantics (what ``effect`` a row gets; docs/architecture.md has the t
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import psycopg
 
-from posflow.contracts.money import IntegrityEvent
 from posflow.storage._ledger_batch import UNREGISTERED_RULE, Batch
+from posflow.storage._ledger_records import LedgerEntry, LedgerResult, body_sha256
 from posflow.storage.cashflow import CashflowEvent, append_cashflow_events
 
 __all__ = [
@@ -55,51 +51,6 @@ __all__ = [
 ]
 
 Conn = psycopg.Connection[tuple[Any, ...]]
-
-
-def body_sha256(body: Mapping[str, Any]) -> str:
-    """The fingerprint of a transaction body: SHA-256 of its canonical JSON."""
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class LedgerEntry:
-    """A transaction as the ledger receives it; amounts are what it posts if applied.
-
-    Void and reversal amounts are taken from the original; refund amounts are
-    normalised to ``-amount`` with no fee.
-    """
-
-    txn_id: str
-    merchant_id: str
-    terminal_id: str
-    txn_type: str
-    currency: str
-    gross_minor: int
-    fee_minor: int
-    net_minor: int
-    occurred_at: datetime
-    body: Mapping[str, Any]
-    source: tuple[str, int, int] | None = None  # Kafka topic, partition, offset
-    status: str = "approved"
-    original_txn_id: str | None = None
-    received_at: datetime | None = None  # the ingest envelope's, for end-to-end latency
-
-    @property
-    def fingerprint(self) -> str:
-        return body_sha256(self.body)
-
-
-@dataclass
-class LedgerResult:
-    applied: int = 0  # new ledger rows (any effect)
-    duplicates: int = 0
-    quarantined: list[str] = field(default_factory=list)  # txn ids with a conflicting body
-    events: list[CashflowEvent] = field(default_factory=list)
-    flagged: list[str] = field(default_factory=list)
-    parked: int = 0  # rows left waiting for their original
-    integrity: list[IntegrityEvent] = field(default_factory=list)  # newly stored
 
 
 class LedgerWriter:

@@ -28,7 +28,7 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from paho.mqtt.enums import CallbackAPIVersion
 
-from api.keys import issue_key
+from posflow.security.apikeys import issue_key
 from posflow.security.roles import Role
 from posflow.settings import KafkaSettings, PostgresSettings, Settings
 from posflow.stack import ensure_topics

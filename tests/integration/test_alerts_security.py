@@ -31,7 +31,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from psycopg import sql
 
-from api.keys import issue_key
+from posflow.security.apikeys import issue_key
 from posflow.security.keys import LocalMasterKey, issue_merchant_key
 from posflow.security.roles import Principal, Role
 from posflow.settings import KafkaSettings, PostgresSettings, Settings

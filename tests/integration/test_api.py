@@ -21,7 +21,7 @@ import psycopg
 import pytest
 
 from api.app import ApiService, build
-from api.keys import issue_key, revoke_key
+from posflow.security.apikeys import issue_key, revoke_key
 from posflow.security.keys import LocalMasterKey, issue_merchant_key
 from posflow.security.roles import Principal, Role
 from posflow.settings import ApiSettings, PostgresSettings, ServicePorts, Settings

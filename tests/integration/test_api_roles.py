@@ -200,7 +200,7 @@ def test_revoked_merchant_key_invalidates_its_api_keys_and_ends_open_streams(api
 def test_api_accepts_a_merchant_exactly_when_is_merchant_active(api: Api) -> None:
     merchant = unique("m")
     api.conn.execute("INSERT INTO merchants (merchant_id, name) VALUES (%s, 'x')", [merchant])
-    from api.keys import issue_key
+    from posflow.security.apikeys import issue_key
 
     key = issue_key(api.conn, merchant, "t").token
     path = f"/v1/merchants/{merchant}/events"

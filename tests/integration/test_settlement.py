@@ -14,10 +14,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from api.keys import issue_key
 from posflow.contracts import IntegrityEvent
 from posflow.contracts.money import FeePlan
 from posflow.errors import PosflowError
+from posflow.security.apikeys import issue_key
 from posflow.security.roles import Role
 from posflow.settings import PostgresSettings
 from posflow.storage import migrate

@@ -18,9 +18,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from api.keys import issue_key, revoke_key
 from posflow.cli import main
 from posflow.contracts.money import FeePlan
+from posflow.security.apikeys import issue_key, revoke_key
 from posflow.security.audit import records, verify
 from posflow.security.keys import LocalMasterKey, get_secret, issue_merchant_key
 from posflow.security.roles import Principal, Role

@@ -9,8 +9,8 @@ import pytest
 
 from alerts.access import Caller, _claimed_actor
 from alerts.rules import load_rules, read_rules_file
-from api.auth import Principal
 from posflow.errors import PosflowError
+from posflow.security.apiauth import Principal
 from posflow.security.roles import Action, Role, Target
 
 

@@ -10,10 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from api.feed import EventRow, Subscription
-from api.keys import hash_matches, parse_key, secret_hash
 from api.paging import decode_cursor, encode_cursor, parse_time
-from api.problems import Problem
 from api.ratelimit import RateLimiter
+from posflow.security.apikeys import hash_matches, parse_key, secret_hash
+from posflow.security.problems import Problem
 
 NOW = datetime(2026, 11, 5, 12, 0, tzinfo=UTC)
 

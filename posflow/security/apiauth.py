@@ -1,5 +1,8 @@
 """Who is calling: an API key becomes a :class:`Principal` with a role.
 
+One check for every HTTP API and command that takes an API key: the merchant API,
+the alert engine's API and the money-moving settlement commands.
+
 A merchant key (role ``merchant``) is bound to its merchant; staff keys
 (``support_agent``, ``support_lead``, ``finance``, ``security_admin``) are bound to
 none. What a principal may do is decided by the one permission matrix,
@@ -18,9 +21,9 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
-from api.keys import hash_matches, parse_key
-from api.problems import Problem
 from posflow.security import roles
+from posflow.security.apikeys import hash_matches, parse_key
+from posflow.security.problems import Problem
 
 __all__ = ["Authenticator", "Principal", "not_found_for"]
 

@@ -1,0 +1,56 @@
+"""What every ``posflow`` subcommand shares: its settings, a database connection, a console.
+
+The core's part of the command line: the service packages' commands (``alerts.cli``,
+``api.cli``, ...) import it, and ``posflow.cli`` on top puts the commands together.
+Errors are :class:`~posflow.errors.PosflowError`, one line for ``posflow.cli.main``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+from rich.console import Console
+
+from posflow.errors import PosflowError
+from posflow.settings import Settings
+
+if TYPE_CHECKING:
+    import psycopg
+
+__all__ = ["connect", "console", "load_settings"]
+
+# A wide console when piped, so status tables stay one row per service in logs and CI.
+console = Console(width=None if sys.stdout.isatty() else 200)
+
+
+def load_settings() -> Settings:
+    """The settings from the environment; a bad variable is named in a one-line error."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = "POSFLOW_" + "__".join(str(p).upper() for p in first["loc"])
+        raise PosflowError(
+            f"invalid setting {where}: {first['msg']}",
+            fix=f"correct or unset the environment variable {where}",
+        ) from None
+
+
+def connect() -> psycopg.Connection[tuple[Any, ...]]:
+    """An autocommit connection to the settings' database, or a one-line error saying why not."""
+    import psycopg
+
+    settings = load_settings()
+    try:
+        from posflow.security.tls import postgres_dsn
+
+        return psycopg.connect(postgres_dsn(settings), autocommit=True)
+    except psycopg.OperationalError as exc:
+        pg = settings.postgres
+        raise PosflowError(
+            f"cannot connect to PostgreSQL at {pg.host}:{pg.port} database {pg.database}: "
+            f"{str(exc).strip().splitlines()[0]}",
+            fix="start it (`posflow stack up postgres`) or set POSFLOW_POSTGRES__HOST/__PORT",
+        ) from None
