@@ -56,10 +56,14 @@ HEALTH_BANDS = Sql(
 )
 
 # The latest health window of each terminal in the range, worst first, with its reasons.
-# One probe per terminal of terminal_health's primary key (terminal_id, window_start),
-# newest first: no sort of every window in the range (DISTINCT ON did that: seconds at
-# 50,000 terminals). Terminals are those with a terminal_state row (every terminal the
-# health workers have seen); the reasons are read for the 25 shown only.
+# One probe of terminal_health's primary key (terminal_id, window_start), newest first,
+# per terminal with a terminal_state row: no sort of every window in the range (DISTINCT
+# ON did that: seconds at 50,000 terminals). When the range ends now (within a minute),
+# each terminal's latest window in the range is its latest window, whose score
+# terminal_state.health_score holds: the terminals are taken worst first by that score
+# and probed until 25 have a window in the range (tens of probes, not 50,000). A range
+# ending earlier probes every terminal and sorts by the windows' scores (one-time
+# filters: only one branch runs). The reasons are read for the 25 shown only.
 WORST = Sql(
     """
     SELECT w.terminal_id, w.merchant_id, w.score, w.signal_score, w.battery_score,
@@ -68,18 +72,31 @@ WORST = Sql(
                        FROM jsonb_array_elements_text(h.details -> 'reasons') AS r),
                     '') AS why,
            w.window_start AS "time"
-      FROM (SELECT h.terminal_id, h.merchant_id, h.score, h.signal_score, h.battery_score,
-                   h.txn_score, h.printer_score, h.window_start
-              FROM terminal_state AS s
+      FROM ((SELECT l.*
+               FROM terminal_state AS s
              CROSS JOIN LATERAL (
                    SELECT terminal_id, merchant_id, score, signal_score, battery_score,
                           txn_score, printer_score, window_start
                      FROM terminal_health
                     WHERE terminal_id = s.terminal_id AND $__timeFilter(window_start)
                     ORDER BY window_start DESC
-                    LIMIT 1) AS h
-             ORDER BY h.score, h.terminal_id
-             LIMIT 25) AS w
+                    LIMIT 1) AS l
+              WHERE $__timeTo() >= now() - interval '1 minute'
+              ORDER BY s.health_score, s.terminal_id
+              LIMIT 25)
+            UNION ALL
+            (SELECT l.*
+               FROM terminal_state AS s
+             CROSS JOIN LATERAL (
+                   SELECT terminal_id, merchant_id, score, signal_score, battery_score,
+                          txn_score, printer_score, window_start
+                     FROM terminal_health
+                    WHERE terminal_id = s.terminal_id AND $__timeFilter(window_start)
+                    ORDER BY window_start DESC
+                    LIMIT 1) AS l
+              WHERE $__timeTo() < now() - interval '1 minute'
+              ORDER BY l.score, l.terminal_id
+              LIMIT 25)) AS w
       JOIN terminal_health AS h USING (terminal_id, window_start)
      ORDER BY w.score, w.terminal_id
     """,
