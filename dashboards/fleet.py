@@ -24,7 +24,7 @@ from dashboards._panels import (
     reduce_last,
     steps,
 )
-from dashboards._targets import PG, Sql
+from dashboards._targets import PG, Kind, Sql
 
 __all__ = ["UID", "build"]
 
@@ -56,20 +56,49 @@ HEALTH_BANDS = Sql(
 )
 
 # The latest health window of each terminal in the range, worst first, with its reasons.
+# One probe of terminal_health's primary key (terminal_id, window_start), newest first,
+# per terminal with a terminal_state row: no sort of every window in the range (DISTINCT
+# ON did that: seconds at 50,000 terminals). When the range ends now (within a minute),
+# each terminal's latest window in the range is its latest window, whose score
+# terminal_state.health_score holds: the terminals are taken worst first by that score
+# and probed until 25 have a window in the range (tens of probes, not 50,000). A range
+# ending earlier probes every terminal and sorts by the windows' scores (one-time
+# filters: only one branch runs). The reasons are read for the 25 shown only.
 WORST = Sql(
     """
-    SELECT terminal_id, merchant_id, score, signal_score, battery_score, txn_score,
-           printer_score, why, window_start AS "time"
-      FROM (SELECT DISTINCT ON (terminal_id) terminal_id, merchant_id, score, signal_score,
-                   battery_score, txn_score, printer_score, window_start,
-                   coalesce((SELECT string_agg(r, '; ')
-                               FROM jsonb_array_elements_text(details -> 'reasons') AS r),
-                            '') AS why
-              FROM terminal_health
-             WHERE $__timeFilter(window_start)
-             ORDER BY terminal_id, window_start DESC) AS latest
-     ORDER BY score, terminal_id
-     LIMIT 25
+    SELECT w.terminal_id, w.merchant_id, w.score, w.signal_score, w.battery_score,
+           w.txn_score, w.printer_score,
+           coalesce((SELECT string_agg(r, '; ')
+                       FROM jsonb_array_elements_text(h.details -> 'reasons') AS r),
+                    '') AS why,
+           w.window_start AS "time"
+      FROM ((SELECT l.*
+               FROM terminal_state AS s
+             CROSS JOIN LATERAL (
+                   SELECT terminal_id, merchant_id, score, signal_score, battery_score,
+                          txn_score, printer_score, window_start
+                     FROM terminal_health
+                    WHERE terminal_id = s.terminal_id AND $__timeFilter(window_start)
+                    ORDER BY window_start DESC
+                    LIMIT 1) AS l
+              WHERE $__timeTo() >= now() - interval '1 minute'
+              ORDER BY s.health_score, s.terminal_id
+              LIMIT 25)
+            UNION ALL
+            (SELECT l.*
+               FROM terminal_state AS s
+             CROSS JOIN LATERAL (
+                   SELECT terminal_id, merchant_id, score, signal_score, battery_score,
+                          txn_score, printer_score, window_start
+                     FROM terminal_health
+                    WHERE terminal_id = s.terminal_id AND $__timeFilter(window_start)
+                    ORDER BY window_start DESC
+                    LIMIT 1) AS l
+              WHERE $__timeTo() < now() - interval '1 minute'
+              ORDER BY l.score, l.terminal_id
+              LIMIT 25)) AS w
+      JOIN terminal_health AS h USING (terminal_id, window_start)
+     ORDER BY w.score, w.terminal_id
     """,
     terminal_id="string",
     merchant_id="string",
@@ -82,30 +111,31 @@ WORST = Sql(
     time_="time",
 )
 
-# One value per terminal and time bucket; the heatmap panel buckets the values itself.
-BATTERY = Sql(
-    """
-    SELECT $__timeGroupAlias(bucket, $__interval), avg(battery_avg) AS battery_pct
-      FROM telemetry_1m
-     WHERE $__timeFilter(bucket) AND battery_avg IS NOT NULL
-     GROUP BY 1, terminal_id
-     ORDER BY 1
-    """,
-    time_="time",
-    battery_pct="number",
-)
+# Pre-bucketed heatmaps: readings per time bucket and band from the fleet-wide banded
+# aggregates (migration 0011), one column per band named by its lower bound (Grafana's
+# heatmap reads the names as bucket bounds, rowsFrame layout "ge"). Rows: one per time
+# bucket, whatever the fleet's size.
+BATTERY_BANDS = tuple(range(0, 100, 10))
+SIGNAL_BANDS = tuple(range(-130, -40, 10))
 
-SIGNAL = Sql(
-    """
-    SELECT $__timeGroupAlias(bucket, $__interval), avg(signal_avg_dbm) AS signal_dbm
-      FROM telemetry_1m
-     WHERE $__timeFilter(bucket) AND signal_avg_dbm IS NOT NULL
-     GROUP BY 1, terminal_id
-     ORDER BY 1
-    """,
-    time_="time",
-    signal_dbm="number",
-)
+
+def _banded(view: str, bands: tuple[int, ...]) -> Sql:
+    per_band = [f'coalesce(sum(readings) FILTER (WHERE band = {b}), 0) AS "{b}"' for b in bands]
+    lines = [
+        "SELECT $__timeGroupAlias(bucket, $__interval),",
+        *(f"       {c}," for c in per_band[:-1]),
+        f"       {per_band[-1]}",
+        f"  FROM {view}",
+        " WHERE $__timeFilter(bucket)",
+        " GROUP BY 1",
+        " ORDER BY 1",
+    ]
+    columns: dict[str, Kind] = {"time_": "time", **{str(b): "number" for b in bands}}
+    return Sql("\n".join(lines), fmt="time_series", **columns)
+
+
+BATTERY = _banded("fleet_battery_1m", BATTERY_BANDS)
+SIGNAL = _banded("fleet_signal_1m", SIGNAL_BANDS)
 
 OPEN_ALERTS = Sql(
     """
@@ -229,8 +259,11 @@ def build() -> db.Dashboard:
             .title("Battery level across the fleet")
             .datasource(PG)
             .with_target(BATTERY)
-            .calculate(True)
-            .unit("percent")
+            .calculate(False)
+            .rows_frame(
+                heatmap.RowsHeatmapOptions().layout(common.HeatmapCellLayout.GE).value("readings")
+            )
+            .y_axis(heatmap.YAxisConfig().unit("percent"))
             .height(8)
             .span(12)
         )
@@ -239,8 +272,11 @@ def build() -> db.Dashboard:
             .title("Signal strength across the fleet")
             .datasource(PG)
             .with_target(SIGNAL)
-            .calculate(True)
-            .unit("dBm")
+            .calculate(False)
+            .rows_frame(
+                heatmap.RowsHeatmapOptions().layout(common.HeatmapCellLayout.GE).value("readings")
+            )
+            .y_axis(heatmap.YAxisConfig().unit("dBm"))
             .height(8)
             .span(12)
         )

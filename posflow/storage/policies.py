@@ -23,6 +23,10 @@ _RETENTION = {
 }
 
 
+# Continuous aggregates (migrations 0002 and 0011): kept as long as the rollups.
+_ROLLUPS = ("telemetry_1m", "telemetry_1h", "fleet_battery_1m", "fleet_signal_1m")
+
+
 def apply_timescaledb_policies(
     conn: psycopg.Connection[tuple[object, ...]], storage: StorageSettings
 ) -> None:
@@ -41,7 +45,7 @@ def apply_timescaledb_policies(
                 "SELECT add_retention_policy(%s, drop_after => make_interval(days => %s))",
                 [table, days[kind]],
             )
-        for view in ("telemetry_1m", "telemetry_1h"):
+        for view in _ROLLUPS:
             conn.execute("SELECT remove_retention_policy(%s, if_exists => true)", [view])
             conn.execute(
                 "SELECT add_retention_policy(%s, drop_after => make_interval(days => %s))",

@@ -87,8 +87,12 @@ def test_concurrent_timescaledb_upkeep_runs_every_policy_job_cleanly(
         assert jobs == [
             "policy_compression telemetry",
             "policy_compression terminal_health",
+            "policy_refresh_continuous_aggregate fleet_battery_1m",
+            "policy_refresh_continuous_aggregate fleet_signal_1m",
             "policy_refresh_continuous_aggregate telemetry_1h",
             "policy_refresh_continuous_aggregate telemetry_1m",
+            "policy_retention fleet_battery_1m",
+            "policy_retention fleet_signal_1m",
             "policy_retention telemetry",
             "policy_retention telemetry_1h",
             "policy_retention telemetry_1m",

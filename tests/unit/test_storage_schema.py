@@ -57,6 +57,11 @@ def test_rollup_views_expose_the_same_columns_on_both_paths() -> None:
     for view in ("telemetry_1m", "telemetry_1h"):
         assert _view_columns(timescale, view) == expected, view
         assert _view_columns(plain, view) == expected, view
+    plain = (MIGRATIONS / "0011_fleet_bands.plain.sql").read_text()
+    timescale = (MIGRATIONS / "0011_fleet_bands.timescaledb.sql").read_text()
+    for view in ("fleet_battery_1m", "fleet_signal_1m"):
+        assert _view_columns(timescale, view) == ["bucket", "band", "readings"], view
+        assert _view_columns(plain, view) == ["bucket", "band", "readings"], view
 
 
 def test_migrations_are_numbered_once_per_path_and_money_is_never_a_hypertable() -> None:
