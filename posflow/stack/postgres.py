@@ -156,6 +156,9 @@ class PostgresService(StackService):
             "synchronous_commit": "on",  # money tables rely on it; telemetry opts out per session
             "log_line_prefix": "%m [%p] %q%u@%d ",
             "log_min_duration_statement": "1000",
+            # Dashboard queries are short; JIT compiling them cost 0.8 s of a 1.2 s query
+            # (docs/benchmarks/storage.md). Off, as TimescaleDB advises for such loads.
+            "jit": "off",
         }
         if self._timescaledb_library():
             options["shared_preload_libraries"] = "timescaledb"
