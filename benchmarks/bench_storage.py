@@ -127,11 +127,21 @@ class Databases:
         return pg, chosen
 
     def drop_all(self) -> None:
+        # TimescaleDB's scheduler (a superuser's background worker) may be in a database
+        # for a moment, and FORCE may not end it: "insufficient privilege". Try again.
         with psycopg.connect(self.base.postgres.dsn(), autocommit=True) as admin:
             for name in self.made:
-                admin.execute(
-                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+                drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                    sql.Identifier(name)
                 )
+                for attempt in range(20):
+                    try:
+                        admin.execute(drop)
+                        break
+                    except psycopg.errors.InsufficientPrivilege:
+                        if attempt == 19:
+                            raise
+                        time.sleep(0.5)
         self.made.clear()
 
 
