@@ -80,6 +80,9 @@ def run_policy_jobs(conn: psycopg.Connection[tuple[object, ...]]) -> list[JobRun
         try:
             conn.execute("CALL run_job(%s)", [job_id])
         except psycopg.Error as exc:
+            if "already in progress" in str(exc):  # the scheduler is refreshing it right now
+                runs.append(JobRun(job_id, name, True, time.perf_counter() - started))
+                continue
             runs.append(JobRun(job_id, name, False, time.perf_counter() - started, str(exc)))
             log.warning("TimescaleDB job %d (%s) failed: %s", job_id, name, exc)
             continue
