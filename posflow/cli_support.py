@@ -38,19 +38,25 @@ def load_settings() -> Settings:
         ) from None
 
 
-def connect() -> psycopg.Connection[tuple[Any, ...]]:
-    """An autocommit connection to the settings' database, or a one-line error saying why not."""
+def connect(
+    settings: Settings | None = None,
+    *,
+    conninfo: str | None = None,
+    fix: str = "start it (`posflow stack up postgres`) or set POSFLOW_POSTGRES__HOST/__PORT",
+) -> psycopg.Connection[tuple[Any, ...]]:
+    """An autocommit connection to the settings' database (or ``conninfo``, e.g. a role's
+    own), or a one-line error naming the server and what to do."""
     import psycopg
 
-    settings = load_settings()
-    try:
-        from posflow.security.tls import postgres_dsn
+    from posflow.security.tls import postgres_dsn
 
-        return psycopg.connect(postgres_dsn(settings), autocommit=True)
+    settings = settings or load_settings()
+    try:
+        return psycopg.connect(conninfo or postgres_dsn(settings), autocommit=True)
     except psycopg.OperationalError as exc:
         pg = settings.postgres
         raise PosflowError(
             f"cannot connect to PostgreSQL at {pg.host}:{pg.port} database {pg.database}: "
             f"{str(exc).strip().splitlines()[0]}",
-            fix="start it (`posflow stack up postgres`) or set POSFLOW_POSTGRES__HOST/__PORT",
+            fix=fix,
         ) from None

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
+from posflow.cli_support import connect
 from posflow.errors import PosflowError
 
 if TYPE_CHECKING:
@@ -62,18 +63,7 @@ def _conninfo(settings: Settings) -> str:
 
 @contextmanager
 def _connect(conninfo: str, settings: Settings) -> Iterator[psycopg.Connection[Any]]:
-    import psycopg
-
-    try:
-        conn = psycopg.connect(conninfo, autocommit=True)
-    except psycopg.OperationalError as exc:
-        pg = settings.postgres
-        raise PosflowError(
-            f"cannot connect to PostgreSQL at {pg.host}:{pg.port} database {pg.database}: "
-            f"{str(exc).strip().splitlines()[0]}",
-            fix="start it (`posflow stack up postgres`) or set POSFLOW_POSTGRES__HOST/__PORT",
-        ) from None
-    with conn:
+    with connect(settings, conninfo=conninfo) as conn:
         yield conn
 
 

@@ -73,19 +73,11 @@ def _source() -> str:
 
 
 def _connect(settings: Settings) -> psycopg.Connection[Any]:
-    import psycopg
+    from posflow.cli_support import connect
 
-    from posflow.security.tls import postgres_dsn
-
-    try:
-        return psycopg.connect(postgres_dsn(settings), autocommit=True)
-    except psycopg.OperationalError as exc:
-        pg = settings.postgres
-        raise PosflowError(
-            f"cannot connect to PostgreSQL at {pg.host}:{pg.port} database {pg.database}: "
-            f"{str(exc).strip().splitlines()[0]}",
-            fix="start it (`posflow stack up postgres`) and run `posflow db migrate`",
-        ) from None
+    return connect(
+        settings, fix="start it (`posflow stack up postgres`) and run `posflow db migrate`"
+    )
 
 
 def _require_schema(conn: psycopg.Connection[Any]) -> None:
