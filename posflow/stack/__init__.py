@@ -80,17 +80,17 @@ class Stack:
                 continue
             started = time.monotonic()
             service._progress = progress
-            if service.process.running():
+            running = service.process.running()
+            if running:
                 self._wait_ready(service)
-                service.install()
-                if service.needs_restart():
-                    progress(f"{service.name:<10} restarting to load what was installed")
-                    service.process.stop(self.settings.stack.stop_timeout_s)
-                else:
+            service.install()
+            if running:
+                if not service.needs_restart():
                     service.after_ready()
                     progress(f"{service.name:<10} already running on {service.address}")
                     continue
-            service.install()
+                progress(f"{service.name:<10} restarting to load what was installed")
+                service.process.stop(self.settings.stack.stop_timeout_s)
             service.configure()
             for port in service.ports:
                 check_port_free(port.host, port.port, service=service.name, setting=port.setting)
