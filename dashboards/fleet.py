@@ -55,6 +55,16 @@ HEALTH_BANDS = Sql(
     terminals="number",
 )
 
+# Each terminal's latest window in the range, by primary key (used by both branches).
+_LATEST_IN_RANGE = """             CROSS JOIN LATERAL (
+                   SELECT terminal_id, merchant_id, score, signal_score, battery_score,
+                          txn_score, printer_score, window_start
+                     FROM terminal_health
+                    WHERE terminal_id = s.terminal_id AND $__timeFilter(window_start)
+                    ORDER BY window_start DESC
+                    LIMIT 1) AS l"""
+
+
 # The latest health window of each terminal in the range, worst first, with its reasons.
 # One probe of terminal_health's primary key (terminal_id, window_start), newest first,
 # per terminal with a terminal_state row: no sort of every window in the range (DISTINCT
@@ -74,32 +84,20 @@ WORST = Sql(
            w.window_start AS "time"
       FROM ((SELECT l.*
                FROM terminal_state AS s
-             CROSS JOIN LATERAL (
-                   SELECT terminal_id, merchant_id, score, signal_score, battery_score,
-                          txn_score, printer_score, window_start
-                     FROM terminal_health
-                    WHERE terminal_id = s.terminal_id AND $__timeFilter(window_start)
-                    ORDER BY window_start DESC
-                    LIMIT 1) AS l
+@LATEST@
               WHERE $__timeTo() >= now() - interval '1 minute'
               ORDER BY s.health_score, s.terminal_id
               LIMIT 25)
             UNION ALL
             (SELECT l.*
                FROM terminal_state AS s
-             CROSS JOIN LATERAL (
-                   SELECT terminal_id, merchant_id, score, signal_score, battery_score,
-                          txn_score, printer_score, window_start
-                     FROM terminal_health
-                    WHERE terminal_id = s.terminal_id AND $__timeFilter(window_start)
-                    ORDER BY window_start DESC
-                    LIMIT 1) AS l
+@LATEST@
               WHERE $__timeTo() < now() - interval '1 minute'
               ORDER BY l.score, l.terminal_id
               LIMIT 25)) AS w
       JOIN terminal_health AS h USING (terminal_id, window_start)
      ORDER BY w.score, w.terminal_id
-    """,
+    """.replace("@LATEST@", _LATEST_IN_RANGE),
     terminal_id="string",
     merchant_id="string",
     score="number",
