@@ -632,8 +632,12 @@ def test_a_duplicate_key_in_a_nested_object_is_refused_too() -> None:
 
 
 def test_the_same_key_in_sibling_objects_is_not_a_duplicate() -> None:
-    # "type" in signal and nowhere else at its level; charging etc. are per object.
-    accepted("telemetry", samples.telemetry())
+    # No contract payload repeats a field name across objects, so the check itself is
+    # asked: a key is a duplicate only within one object.
+    from posflow.contracts.validate import _duplicate_key
+
+    assert _duplicate_key('{"a": {"x": 1}, "b": {"x": 2}, "x": 3}') is None
+    assert _duplicate_key('{"a": {"x": 1}, "b": {"y": 2, "y": 3}}') == "y"
 
 
 def test_a_timestamp_in_the_year_9999_is_refused_at_the_edge() -> None:
