@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-__all__ = ["start_http"]
+__all__ = ["Route", "start_http"]
+
+
+Route = tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]]
 
 
 async def start_http(
-    host: str, port: int, registry: CollectorRegistry, ready: Callable[[], bool]
+    host: str,
+    port: int,
+    registry: CollectorRegistry,
+    ready: Callable[[], bool],
+    routes: Iterable[Route] = (),
 ) -> web.AppRunner:
-    """Serve the endpoints until the returned runner is cleaned up."""
+    """Serve the endpoints (and ``routes``: ``(method, path, handler)``) until the returned
+    runner is cleaned up."""
 
     async def metrics(_: web.Request) -> web.Response:
         body = generate_latest(registry)
@@ -31,6 +39,8 @@ async def start_http(
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
