@@ -11,7 +11,7 @@ import json
 import re
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Self
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import ErrorDetails, PydanticCustomError, ValidationError
@@ -24,6 +24,8 @@ __all__ = [
     "TOPIC_PREFIX",
     "ContractError",
     "Id",
+    "JsonContract",
+    "JsonRecord",
     "Kind",
     "Reason",
     "TopicRef",
@@ -135,6 +137,28 @@ class Model(BaseModel):
     """Base of every contract model: immutable, no unknown fields, no type coercion."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class JsonContract(Model):
+    """A contract read from JSON; ``contract_name`` is what its errors call it."""
+
+    contract_name: ClassVar[str]
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Self:
+        """Parse JSON; raises ContractError saying what is wrong and where."""
+        try:
+            return cls.model_validate_json(data)
+        except ValidationError as exc:
+            raise contract_error(exc, contract=cls.contract_name) from None
+
+
+class JsonRecord(JsonContract):
+    """A contract that is also written as JSON: a Kafka record value."""
+
+    def to_json(self) -> bytes:
+        """Compact JSON, the record value."""
+        return self.__pydantic_serializer__.to_json(self)
 
 
 def _exactly_version(value: object) -> object:

@@ -18,9 +18,9 @@ from decimal import Decimal, InvalidOperation
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
-from posflow.contracts._common import Id, Model, UtcDatetime, Version, contract_error
+from posflow.contracts._common import Id, JsonContract, JsonRecord, Model, UtcDatetime, Version
 from posflow.contracts.terminal import Currency
 
 __all__ = [
@@ -83,8 +83,10 @@ def _as_integer_ratio(value: Decimal) -> tuple[int, int]:
     return number, -exponent
 
 
-class FeePlan(Model):
+class FeePlan(JsonContract):
     """A merchant's pricing: the first matching rule wins, else ``default``."""
+
+    contract_name = "fee plan v1"
 
     v: Version = 1
     default: FeeRule = FeeRule()
@@ -96,20 +98,15 @@ class FeePlan(Model):
                 return rule
         return self.default
 
-    @classmethod
-    def from_json(cls, data: bytes | str) -> FeePlan:
-        try:
-            return cls.model_validate_json(data)
-        except ValidationError as exc:
-            raise contract_error(exc, contract="fee plan v1") from None
 
-
-class SettlementRule(Model):
+class SettlementRule(JsonContract):
     """When pending money becomes available: at once, or at a daily cut-off.
 
     ``daily``: an entry becomes available at the first cut-off strictly after the
     payment's time, in ``timezone`` (default: the merchant's time zone).
     """
+
+    contract_name = "settlement rule v1"
 
     kind: Literal["instant", "daily"] = "instant"
     cutoff: str = Field(default="00:00", pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
@@ -142,16 +139,11 @@ class SettlementRule(Model):
             day += timedelta(days=1)
         raise AssertionError("unreachable: a cut-off exists within two days")
 
-    @classmethod
-    def from_json(cls, data: bytes | str) -> SettlementRule:
-        try:
-            return cls.model_validate_json(data)
-        except ValidationError as exc:
-            raise contract_error(exc, contract="settlement rule v1") from None
 
-
-class CashflowRecord(Model):
+class CashflowRecord(JsonRecord):
     """One cash-flow event of a merchant (``pos.cashflow.v1``); ``seq`` only grows."""
+
+    contract_name = "cash-flow record v1"
 
     v: Version = 1
     merchant_id: Id
@@ -167,16 +159,6 @@ class CashflowRecord(Model):
     paid_out_minor: int
     occurred_at: UtcDatetime
 
-    def to_json(self) -> bytes:
-        return self.__pydantic_serializer__.to_json(self)
-
-    @classmethod
-    def from_json(cls, data: bytes | str) -> CashflowRecord:
-        try:
-            return cls.model_validate_json(data)
-        except ValidationError as exc:
-            raise contract_error(exc, contract="cash-flow record v1") from None
-
 
 IntegrityKind = Literal[
     "txn_id_conflict",
@@ -186,8 +168,10 @@ IntegrityKind = Literal[
 ]
 
 
-class IntegrityEvent(Model):
+class IntegrityEvent(JsonRecord):
     """Something in the money flow a person must look at (``pos.integrity.v1``)."""
+
+    contract_name = "integrity event v1"
 
     v: Version = 1
     event_id: str = Field(description="stable id: the same finding always has the same id")
@@ -205,13 +189,3 @@ class IntegrityEvent(Model):
     source_offset: int | None = None
     message: str
     detected_at: UtcDatetime
-
-    def to_json(self) -> bytes:
-        return self.__pydantic_serializer__.to_json(self)
-
-    @classmethod
-    def from_json(cls, data: bytes | str) -> IntegrityEvent:
-        try:
-            return cls.model_validate_json(data)
-        except ValidationError as exc:
-            raise contract_error(exc, contract="integrity event v1") from None

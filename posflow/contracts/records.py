@@ -4,16 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Self
 
-from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
 from posflow.contracts._common import (
     Id,
+    JsonRecord,
     Kind,
-    Model,
     Reason,
     UtcDatetime,
     Version,
-    contract_error,
 )
 from posflow.contracts.cardguard import redact
 from posflow.contracts.terminal import TerminalPayload
@@ -23,12 +22,14 @@ __all__ = ["PAYLOAD_PREVIEW_CHARS", "DeadLetter", "IngestEnvelope"]
 PAYLOAD_PREVIEW_CHARS = 4096
 
 
-class IngestEnvelope(Model):
+class IngestEnvelope(JsonRecord):
     """An accepted terminal message with where and when the bridge received it.
 
     Kafka key: the terminal id for telemetry and status (per-terminal order), the
     merchant id for transactions (per-merchant order, which the ledger relies on).
     """
+
+    contract_name = "ingest envelope v1"
 
     v: Version = 1
     kind: Kind
@@ -60,25 +61,15 @@ class IngestEnvelope(Model):
         key = self.merchant_id if self.kind is Kind.TXN else self.terminal_id
         return key.encode()
 
-    def to_json(self) -> bytes:
-        """Compact JSON, the Kafka record value."""
-        return self.__pydantic_serializer__.to_json(self)
 
-    @classmethod
-    def from_json(cls, data: bytes | str) -> IngestEnvelope:
-        """Parse a Kafka record value; raises ContractError saying what is wrong and where."""
-        try:
-            return cls.model_validate_json(data)
-        except ValidationError as exc:
-            raise contract_error(exc, contract="ingest envelope v1") from None
-
-
-class DeadLetter(Model):
+class DeadLetter(JsonRecord):
     """A rejected message: why, where, and a redacted preview of what was sent.
 
     ``message``, ``field`` and ``payload_redacted`` are run through the card redactor
     on construction, so no producer can put a card number in a dead letter.
     """
+
+    contract_name = "dead letter v1"
 
     v: Version = 1
     reason: Reason
@@ -94,15 +85,3 @@ class DeadLetter(Model):
     @classmethod
     def _no_card_data(cls, value: str | None) -> str | None:
         return None if value is None else redact(value)
-
-    def to_json(self) -> bytes:
-        """Compact JSON, the dead-letter record value."""
-        return self.__pydantic_serializer__.to_json(self)
-
-    @classmethod
-    def from_json(cls, data: bytes | str) -> DeadLetter:
-        """Parse a dead-letter record value; raises ContractError on a malformed one."""
-        try:
-            return cls.model_validate_json(data)
-        except ValidationError as exc:
-            raise contract_error(exc, contract="dead letter v1") from None
