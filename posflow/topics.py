@@ -24,65 +24,39 @@ class TopicSpec:
     purpose: str = ""
 
 
+# name, retention in days (None: compacted, the latest record per key), purpose
+_TOPICS: tuple[tuple[str, int | None, str], ...] = (
+    ("telemetry", 7, "terminal telemetry envelopes, keyed by terminal id"),
+    ("txn", 30, "payment outcomes, keyed by merchant id"),
+    ("status", None, "online/offline status, latest per terminal (compacted)"),
+    ("deadletter", 30, "rejected input with reason code and redacted payload"),
+    ("health", 7, "per-terminal health records, keyed by terminal id"),
+    ("terminal-state", None, "current state per terminal (compacted)"),
+    ("cashflow", 30, "merchant cash-flow events, keyed by merchant id"),
+    ("alerts", 30, "alert lifecycle events, keyed by alert fingerprint"),
+    (
+        "integrity",
+        30,
+        "integrity events (e.g. a transaction id reused with another body), keyed by merchant",
+    ),
+)
+
+
+def _config(retention_days: int | None) -> dict[str, str]:
+    if retention_days is None:
+        return {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"}
+    return {
+        "cleanup.policy": "delete",
+        "min.insync.replicas": "1",
+        "retention.ms": str(retention_days * _DAY_MS),
+    }
+
+
 def pipeline_topics(kafka: KafkaSettings) -> list[TopicSpec]:
     """Every topic posflow's services read or write, for one settings object."""
-    p = kafka.topic_prefix
-    n = kafka.default_partitions
-    keep = {"cleanup.policy": "delete", "min.insync.replicas": "1"}
-    compact = {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"}
     return [
         TopicSpec(
-            f"{p}.telemetry.v1",
-            n,
-            {**keep, "retention.ms": str(7 * _DAY_MS)},
-            "terminal telemetry envelopes, keyed by terminal id",
-        ),
-        TopicSpec(
-            f"{p}.txn.v1",
-            n,
-            {**keep, "retention.ms": str(30 * _DAY_MS)},
-            "payment outcomes, keyed by merchant id",
-        ),
-        TopicSpec(
-            f"{p}.status.v1",
-            n,
-            compact,
-            "online/offline status, latest per terminal (compacted)",
-        ),
-        TopicSpec(
-            f"{p}.deadletter.v1",
-            n,
-            {**keep, "retention.ms": str(30 * _DAY_MS)},
-            "rejected input with reason code and redacted payload",
-        ),
-        TopicSpec(
-            f"{p}.health.v1",
-            n,
-            {**keep, "retention.ms": str(7 * _DAY_MS)},
-            "per-terminal health records, keyed by terminal id",
-        ),
-        TopicSpec(
-            f"{p}.terminal-state.v1",
-            n,
-            compact,
-            "current state per terminal (compacted)",
-        ),
-        TopicSpec(
-            f"{p}.cashflow.v1",
-            n,
-            {**keep, "retention.ms": str(30 * _DAY_MS)},
-            "merchant cash-flow events, keyed by merchant id",
-        ),
-        TopicSpec(
-            f"{p}.alerts.v1",
-            n,
-            {**keep, "retention.ms": str(30 * _DAY_MS)},
-            "alert lifecycle events, keyed by alert fingerprint",
-        ),
-        TopicSpec(
-            f"{p}.integrity.v1",
-            n,
-            {**keep, "retention.ms": str(30 * _DAY_MS)},
-            "integrity events (e.g. a transaction id reused with another body), keyed by merchant",
-        ),
+            f"{kafka.topic_prefix}.{name}.v1", kafka.default_partitions, _config(days), purpose
+        )
+        for name, days, purpose in _TOPICS
     ]
