@@ -24,6 +24,15 @@ class NamedQuery:
     description: str
 
 
+# The minute and the hour rollup views have the same columns: one query, two views.
+_TERMINAL_TELEMETRY: LiteralString = """
+            SELECT bucket, samples, battery_avg, battery_min, signal_avg_dbm, signal_min_dbm,
+                   charging_samples
+              FROM {view}
+             WHERE terminal_id = %(terminal_id)s AND bucket >= %(start)s AND bucket < %(end)s
+             ORDER BY bucket
+            """
+
 QUERIES: dict[str, NamedQuery] = {
     q.name: q
     for q in [
@@ -50,24 +59,12 @@ QUERIES: dict[str, NamedQuery] = {
         ),
         NamedQuery(
             "terminal_telemetry_1m",
-            """
-            SELECT bucket, samples, battery_avg, battery_min, signal_avg_dbm, signal_min_dbm,
-                   charging_samples
-              FROM telemetry_1m
-             WHERE terminal_id = %(terminal_id)s AND bucket >= %(start)s AND bucket < %(end)s
-             ORDER BY bucket
-            """,
+            _TERMINAL_TELEMETRY.format(view="telemetry_1m"),
             "one terminal's battery and signal per minute",
         ),
         NamedQuery(
             "terminal_telemetry_1h",
-            """
-            SELECT bucket, samples, battery_avg, battery_min, signal_avg_dbm, signal_min_dbm,
-                   charging_samples
-              FROM telemetry_1h
-             WHERE terminal_id = %(terminal_id)s AND bucket >= %(start)s AND bucket < %(end)s
-             ORDER BY bucket
-            """,
+            _TERMINAL_TELEMETRY.format(view="telemetry_1h"),
             "one terminal's battery and signal per hour",
         ),
         NamedQuery(
