@@ -26,19 +26,26 @@ from posflow.storage.migrate import StoragePath
 
 __all__ = ["TELEMETRY_COLUMNS", "TRANSACTION_COLUMNS", "TelemetryWriter", "TransactionWriter"]
 
-TELEMETRY_COLUMNS = (
-    "ts", "terminal_id", "merchant_id", "seq", "received_at",
-    "battery_level_pct", "charging", "battery_temp_c", "battery_health",
-    "signal_type", "signal_dbm", "rssi_dbm", "rsrp_dbm", "sinr_db", "wifi_rssi_dbm", "carrier",
-    "printer_paper", "lat", "lon", "accuracy_m",
-    "app_version", "firmware_version", "uptime_s", "tamper",
-)  # fmt: skip
-
-TRANSACTION_COLUMNS = (
-    "ts", "txn_id", "merchant_id", "terminal_id", "txn_type", "status", "amount_minor",
-    "tip_minor", "currency", "decline_code", "auth_latency_ms", "scheme", "entry_mode",
-    "card_last4", "received_at",
-)  # fmt: skip
+# Each column with its PostgreSQL type, for binary COPY, in the order of the rows below.
+# char(3)/char(4) columns go over the wire as text: bpchar's binary form is text's.
+_TELEMETRY_TYPES = {
+    "ts": "timestamptz", "terminal_id": "text", "merchant_id": "text", "seq": "int8",
+    "received_at": "timestamptz",
+    "battery_level_pct": "int2", "charging": "bool", "battery_temp_c": "float4",
+    "battery_health": "text",
+    "signal_type": "text", "signal_dbm": "int2", "rssi_dbm": "int2", "rsrp_dbm": "int2",
+    "sinr_db": "float4", "wifi_rssi_dbm": "int2", "carrier": "text",
+    "printer_paper": "text", "lat": "float8", "lon": "float8", "accuracy_m": "float4",
+    "app_version": "text", "firmware_version": "text", "uptime_s": "int8", "tamper": "bool",
+}  # fmt: skip
+_TRANSACTION_TYPES = {
+    "ts": "timestamptz", "txn_id": "text", "merchant_id": "text", "terminal_id": "text",
+    "txn_type": "text", "status": "text", "amount_minor": "int8", "tip_minor": "int8",
+    "currency": "text", "decline_code": "text", "auth_latency_ms": "int4", "scheme": "text",
+    "entry_mode": "text", "card_last4": "text", "received_at": "timestamptz",
+}  # fmt: skip
+TELEMETRY_COLUMNS = tuple(_TELEMETRY_TYPES)
+TRANSACTION_COLUMNS = tuple(_TRANSACTION_TYPES)
 
 _ROLLUP = """
 {name} AS (
@@ -170,13 +177,7 @@ class TelemetryWriter(_CopyInsert):
 
     table = "telemetry"
     columns = TELEMETRY_COLUMNS
-    types = (
-        "timestamptz", "text", "text", "int8", "timestamptz",
-        "int2", "bool", "float4", "text",
-        "text", "int2", "int2", "int2", "float4", "int2", "text",
-        "text", "float8", "float8", "float4",
-        "text", "text", "int8", "bool",
-    )  # fmt: skip
+    types = tuple(_TELEMETRY_TYPES.values())
     conflict = "terminal_id, ts, seq"
     synchronous = False
 
@@ -202,12 +203,7 @@ class TransactionWriter(_CopyInsert):
 
     table = "transactions"
     columns = TRANSACTION_COLUMNS
-    # char(3)/char(4) columns go over the wire as text: bpchar's binary form is text's.
-    types = (
-        "timestamptz", "text", "text", "text", "text", "text", "int8",
-        "int8", "text", "text", "int4", "text", "text",
-        "text", "timestamptz",
-    )  # fmt: skip
+    types = tuple(_TRANSACTION_TYPES.values())
     conflict = "txn_id, ts"
     synchronous = True
 
