@@ -21,7 +21,11 @@ from posflow.errors import PosflowError
 from posflow.stack._install import ensure_debian_packages
 from posflow.stack._service import Port, StackService
 from posflow.stack.timescaledb import TimescaleBuild
-from posflow.storage.databases import TIMESCALEDB_TEMPLATE, timescaledb_template_exists
+from posflow.storage.databases import (
+    TIMESCALEDB_TEMPLATE,
+    drop_database,
+    timescaledb_template_exists,
+)
 
 __all__ = ["PostgresService", "timescaledb_version"]
 
@@ -227,8 +231,7 @@ class PostgresService(StackService):
         with psycopg.connect(self._superuser_dsn(), autocommit=True) as conn:
             if timescaledb_template_exists(conn):
                 return
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))  # fmt: skip
+            drop_database(conn, name)
             conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(
                 sql.Identifier(name)))  # fmt: skip
             with psycopg.connect(self._superuser_dsn(name), autocommit=True) as tmpl:

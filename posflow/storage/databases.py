@@ -19,7 +19,12 @@ from psycopg import sql
 
 from posflow.storage.migrate import StoragePath
 
-__all__ = ["TIMESCALEDB_TEMPLATE", "create_database", "timescaledb_template_exists"]
+__all__ = [
+    "TIMESCALEDB_TEMPLATE",
+    "create_database",
+    "drop_database",
+    "timescaledb_template_exists",
+]
 
 TIMESCALEDB_TEMPLATE = "posflow_template_timescaledb"
 
@@ -58,12 +63,33 @@ def create_database(
     )
     if owner is not None:
         statement = sql.SQL("{} OWNER {}").format(statement, sql.Identifier(owner))
+    # ObjectInUse: a session passing through the template.
+    _execute_retrying(admin, statement, psycopg.errors.ObjectInUse)
+    return chosen
+
+
+def drop_database(admin: psycopg.Connection[tuple[object, ...]], name: str) -> None:
+    """``DROP DATABASE IF EXISTS name WITH (FORCE)``; ``admin`` must be in autocommit.
+
+    TimescaleDB's scheduler (a superuser's background worker) may be in the database for a
+    moment, and FORCE may not end it ("insufficient privilege"): the drop is tried again.
+    """
+    statement = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+    _execute_retrying(admin, statement, psycopg.errors.InsufficientPrivilege)
+
+
+def _execute_retrying(
+    admin: psycopg.Connection[tuple[object, ...]],
+    statement: sql.Composed,
+    retry_on: type[psycopg.Error],
+) -> None:
+    """Execute ``statement``; on ``retry_on`` again every 0.5 s, 20 attempts in all."""
     for attempt in range(20):
         try:
             admin.execute(statement)
-            break
-        except psycopg.errors.ObjectInUse:  # a session passing through the template
+        except retry_on:
             if attempt == 19:
                 raise
             time.sleep(0.5)
-    return chosen
+        else:
+            return
