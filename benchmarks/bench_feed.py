@@ -24,8 +24,6 @@ import argparse
 import asyncio
 import os
 import secrets
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,31 +34,20 @@ from pathlib import Path
 
 import httpx
 import psycopg
-from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import percentile_ms, read_sse_ids, stop_processes
 from posflow.security.apikeys import issue_key
 from posflow.security.keys import LocalMasterKey, issue_merchant_key
 from posflow.security.roles import Principal, Role
 from posflow.settings import Settings
 from posflow.storage import migrate
-from posflow.storage.databases import create_database
+from posflow.storage.databases import create_database, drop_database
+from tests.conftest import free_port
 
 POSFLOW = str(Path(sys.executable).with_name("posflow"))
 TIME_LIMIT_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
 class Writer(threading.Thread):
@@ -128,26 +115,6 @@ async def _listen_baseline(dsn: str, seen: list[float], stop: asyncio.Event) -> 
                 seen.append(time.time())
 
 
-async def _client(
-    base: str, merchant: str, key: str, want: int, got: dict[tuple[str, int], float]
-) -> None:
-    headers = {"Authorization": f"Bearer {key}"}
-    timeout = httpx.Timeout(30.0)
-    async with (
-        httpx.AsyncClient(timeout=timeout) as client,
-        client.stream(
-            "GET", f"{base}/v1/merchants/{merchant}/events/stream", headers=headers
-        ) as resp,
-    ):
-        count = 0
-        async for line in resp.aiter_lines():
-            if line.startswith("id: "):
-                got[(merchant, int(line[4:]))] = time.time()
-                count += 1
-                if count >= want:
-                    return
-
-
 async def _run(
     args: argparse.Namespace, dsn: str, base: str, keys: dict[str, str]
 ) -> dict[str, object]:
@@ -161,7 +128,8 @@ async def _run(
     stop = asyncio.Event()
     baseline = asyncio.create_task(_listen_baseline(dsn, notify_seen, stop))
     clients = [
-        asyncio.create_task(_client(base, m, keys[m], per_merchant[m], got)) for m in merchants
+        asyncio.create_task(read_sse_ids(base, m, keys[m], per_merchant[m], got, timeout_s=30))
+        for m in merchants
     ]
     await asyncio.sleep(1.0)  # streams open and caught up (nothing to catch up yet)
     writer = Writer(dsn, merchants, args.rate, args.seconds, args.batch)
@@ -191,12 +159,12 @@ async def _run(
         "events_received": len(got),
         "missing": writer.written - len(got),
         "writer_max_behind_s": round(writer.behind_s, 3),
-        "api_p50_ms": round(_pct(lat, 0.50), 1),
-        "api_p99_ms": round(_pct(lat, 0.99), 1),
+        "api_p50_ms": round(percentile_ms(lat, 0.50), 1),
+        "api_p99_ms": round(percentile_ms(lat, 0.99), 1),
         "api_max_ms": round(max(lat) * 1000, 1),
         "api_mean_ms": round(statistics.fmean(lat) * 1000, 1),
-        "baseline_notify_p50_ms": round(_pct(base_lat, 0.50), 1),
-        "baseline_notify_p99_ms": round(_pct(base_lat, 0.99), 1),
+        "baseline_notify_p50_ms": round(percentile_ms(base_lat, 0.50), 1),
+        "baseline_notify_p99_ms": round(percentile_ms(base_lat, 0.99), 1),
         "transactions": len(writer.tx_commit),
         "notifications_seen": len(notify_seen),
     }
@@ -236,7 +204,7 @@ def main() -> int:
                 f"M-{i:04d}": issue_key(conn, f"M-{i:04d}", "bench").token
                 for i in range(args.merchants)
             }
-        port = _free_port()
+        port = free_port()
         env = {
             **os.environ,
             "POSFLOW_POSTGRES__DATABASE": db,
@@ -271,16 +239,9 @@ def main() -> int:
         return 0 if result["missing"] == 0 else 1
     finally:
         if server is not None:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            stop_processes([server])
         with psycopg.connect(admin_dsn, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db))
-            )
+            drop_database(admin, db)
 
 
 if __name__ == "__main__":

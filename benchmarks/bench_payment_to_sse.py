@@ -31,7 +31,6 @@ import multiprocessing as mp
 import os
 import secrets
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -47,10 +46,10 @@ import paho.mqtt.client as mqtt
 import psycopg
 from aiokafka.admin import AIOKafkaAdminClient
 from paho.mqtt.enums import CallbackAPIVersion
-from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import percentile_ms, read_sse_ids, stop_processes
 from posflow.contracts import Transaction
 from posflow.security.apikeys import issue_key
 from posflow.security.keys import LocalMasterKey, issue_merchant_key
@@ -59,31 +58,20 @@ from posflow.settings import KafkaSettings, Settings
 from posflow.stack import ensure_topics
 from posflow.stack.mosquitto import mosquitto_password_hash, render_acl, render_config
 from posflow.storage import migrate
-from posflow.storage.databases import create_database
+from posflow.storage.databases import create_database, drop_database
 from posflow.topics import pipeline_topics
+from tests.conftest import free_port
 
 POSFLOW = str(Path(sys.executable).with_name("posflow"))
 PLAN = '{"default": {"percent": "1.4", "fixed_minor": 10}}'
 TIME_LIMIT_S = 300
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else 0.0
-
-
 def _stats(values: list[float]) -> str:
     if not values:
         return "n/a"
     return (
-        f"p50 {_pct(values, 0.5):7.1f} ms  p99 {_pct(values, 0.99):7.1f} ms  "
+        f"p50 {percentile_ms(values, 0.5):7.1f} ms  p99 {percentile_ms(values, 0.99):7.1f} ms  "
         f"max {max(values) * 1000:7.1f} ms  mean {statistics.fmean(values) * 1000:6.1f} ms"
     )
 
@@ -187,29 +175,14 @@ def publisher(plan: dict[str, Any], ready: Any, go: Any, out: Any) -> None:
 # -- the merchants' SSE clients --------------------------------------------------------
 
 
-async def sse_client(
-    base: str, merchant: str, key: str, want: int, got: dict[tuple[str, int], float]
-) -> None:
-    headers = {"Authorization": f"Bearer {key}"}
-    async with (
-        httpx.AsyncClient(timeout=httpx.Timeout(60.0)) as client,
-        client.stream("GET", f"{base}/v1/merchants/{merchant}/events/stream", headers=headers) as r,
-    ):
-        r.raise_for_status()
-        count = 0
-        async for line in r.aiter_lines():
-            if line.startswith("id: "):
-                got[(merchant, int(line[4:]))] = time.time()
-                count += 1
-                if count >= want:
-                    return
-
-
 async def collect(
     base: str, keys: dict[str, str], want: dict[str, int], limit_s: float, started: Any
 ) -> dict[tuple[str, int], float]:
     got: dict[tuple[str, int], float] = {}
-    tasks = [asyncio.create_task(sse_client(base, m, k, want[m], got)) for m, k in keys.items()]
+    tasks = [
+        asyncio.create_task(read_sse_ids(base, m, k, want[m], got, timeout_s=60))
+        for m, k in keys.items()
+    ]
     await asyncio.sleep(1.0)  # streams open
     started.set()
     done, pending = await asyncio.wait(tasks, timeout=limit_s)
@@ -236,18 +209,6 @@ def wait_ready(name: str, url: str, proc: subprocess.Popen[bytes], limit_s: floa
             pass
         time.sleep(0.2)
     raise SystemExit(f"{name} not ready at {url} in {limit_s} s")
-
-
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def metric(url: str, name: str) -> str:
@@ -282,7 +243,7 @@ def main() -> int:  # noqa: PLR0912 - one linear script, setup to teardown
         for t in range(args.terminals_per_merchant)
     }
     owner = {t: merchants[int(t.split("-")[2])] for t in terminals}
-    ports = {name: _free_port() for name in ("mqtt", "ingest", "settlement", "api")}
+    ports = {name: free_port() for name in ("mqtt", "ingest", "settlement", "api")}
     kafka = KafkaSettings(**{**base.kafka.model_dump(), "topic_prefix": prefix})
     topics = [t.name for t in pipeline_topics(kafka)]
     tmp = Path(tempfile.mkdtemp(prefix=f"posflow-e2e-{run}-"))
@@ -433,8 +394,8 @@ def main() -> int:  # noqa: PLR0912 - one linear script, setup to teardown
                 print(f"  {name} log tail:", *tail, sep="\n    ")
         return 0 if len(sent) == received == total else 1
     finally:
-        stop(procs[1:])
-        stop(procs[:1])
+        stop_processes(procs[1:])
+        stop_processes(procs[:1])
 
         async def drop_topics() -> None:
             client = AIOKafkaAdminClient(bootstrap_servers=base.kafka.bootstrap)
@@ -449,9 +410,7 @@ def main() -> int:  # noqa: PLR0912 - one linear script, setup to teardown
         except Exception as exc:  # cleanup goes on
             print(f"could not delete topics {topics}: {exc}")
         with psycopg.connect(admin_dsn, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db))
-            )
+            drop_database(admin, db)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

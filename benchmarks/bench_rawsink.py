@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import secrets
 import subprocess
@@ -29,13 +28,12 @@ import psycopg
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import ConsumerRecord
-from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from posflow.contracts import Accepted, validate_message
+from benchmarks._common import envelope
 from posflow.settings import KafkaSettings, PostgresSettings, RawSinkSettings, Settings
-from posflow.storage.databases import create_database
+from posflow.storage.databases import create_database, drop_database
 from streams.rawsink import RawSink, RawSinkMetrics
 from streams.rawsink_records import sort_records
 from tests.unit import samples
@@ -57,14 +55,8 @@ def _values(kind: str, count: int, terminals: int) -> list[tuple[bytes, bytes]]:
                 merchant_id=f"M-{i % 200:04d}", terminal_id=terminal, seq=i, ts=ts,
                 txn_id=f"{terminal}:{i:08d}", amount_minor=100 + i % 9000,
             )  # fmt: skip
-        result = validate_message(
-            f"pos/v1/{body['merchant_id']}/{terminal}/{kind}",
-            json.dumps(body).encode(),
-            received_at=now,
-            mqtt_mid=i % 65535 + 1,
-        )
-        assert isinstance(result, Accepted)  # noqa: S101
-        out.append((result.envelope.kafka_key(), result.envelope.to_json()))
+        accepted = envelope(kind, body, received_at=now, mqtt_mid=i % 65535 + 1)
+        out.append((accepted.kafka_key(), accepted.to_json()))
     return out
 
 
@@ -208,9 +200,7 @@ def main() -> None:
         )
     finally:
         with psycopg.connect(admin_dsn, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db))
-            )
+            drop_database(admin, db)
         asyncio.run(_delete_topics(settings))
 
 

@@ -59,11 +59,12 @@ from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import envelope
 from dashboards.macros import TimeRange, expand
-from posflow.contracts import Accepted, IngestEnvelope, validate_message
+from posflow.contracts import IngestEnvelope
 from posflow.settings import PostgresSettings, Settings
 from posflow.storage import StoragePath, detect_path, ensure_partitions, migrate
-from posflow.storage.databases import create_database
+from posflow.storage.databases import create_database, drop_database
 from posflow.storage.ledger import LedgerEntry, LedgerWriter
 from posflow.storage.writers import TelemetryWriter
 from simulator.fleet import CITIES
@@ -127,21 +128,9 @@ class Databases:
         return pg, chosen
 
     def drop_all(self) -> None:
-        # TimescaleDB's scheduler (a superuser's background worker) may be in a database
-        # for a moment, and FORCE may not end it: "insufficient privilege". Try again.
         with psycopg.connect(self.base.postgres.dsn(), autocommit=True) as admin:
             for name in self.made:
-                drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                    sql.Identifier(name)
-                )
-                for attempt in range(20):
-                    try:
-                        admin.execute(drop)
-                        break
-                    except psycopg.errors.InsufficientPrivilege:
-                        if attempt == 19:
-                            raise
-                        time.sleep(0.5)
+                drop_database(admin, name)
         self.made.clear()
 
 
@@ -156,14 +145,7 @@ def _envelopes(count: int, terminals: int) -> list[IngestEnvelope]:
             seq=i,
             ts=(now - timedelta(seconds=(count - i) // terminals)).isoformat(),
         )
-        result = validate_message(
-            f"pos/v1/M-0001/{terminal}/telemetry",
-            json.dumps(body).encode(),
-            received_at=now,
-            mqtt_mid=i % 65535 + 1,
-        )
-        assert isinstance(result, Accepted)  # noqa: S101
-        out.append(result.envelope)
+        out.append(envelope("telemetry", body, received_at=now, mqtt_mid=i % 65535 + 1))
     return out
 
 

@@ -34,17 +34,21 @@ from typing import Any
 import psycopg
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
-from psycopg import sql
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import stop_processes  # noqa: E402
 from posflow.settings import KafkaSettings, PostgresSettings, Settings  # noqa: E402
 from posflow.stack import ensure_topics  # noqa: E402
-from posflow.storage.databases import create_database  # noqa: E402
+from posflow.storage.databases import create_database, drop_database  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 TIME_LIMIT_S = 600
+_OUTBOX_STATES = (
+    "SELECT state, count(*), min(attempts), max(attempts) FROM alert_notifications"
+    " WHERE channel = 'webhook' GROUP BY state"
+)
 
 
 class Receiver:
@@ -158,35 +162,19 @@ async def main(args: argparse.Namespace) -> int:
             return 2
         down_from = time.monotonic()
         await asyncio.sleep(args.down)
-        before = _rows(
-            dsn,
-            "SELECT state, count(*), min(attempts), max(attempts) FROM alert_notifications"
-            " WHERE channel = 'webhook' GROUP BY state",
-        )
+        before = _rows(dsn, _OUTBOX_STATES)
         await receiver.start()
         up_at = time.monotonic()
         ok = await _wait(lambda: len({i for i, _ in receiver.got}) >= args.alerts, 420, 0.1)
         all_at = time.monotonic()
         await asyncio.sleep(args.settle)
-        after = _rows(
-            dsn,
-            "SELECT state, count(*), min(attempts), max(attempts) FROM alert_notifications"
-            " WHERE channel = 'webhook' GROUP BY state",
-        )
+        after = _rows(dsn, _OUTBOX_STATES)
         expected = {f"{a}:firing" for (a,) in _rows(dsn, "SELECT alert_id FROM alerts")}
     finally:
         await receiver.stop()
-        if engine.poll() is None:
-            engine.send_signal(signal.SIGTERM)
-        try:
-            engine.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            engine.kill()
-            engine.wait()
+        stop_processes([engine], timeout=20)
         with psycopg.connect(base.postgres.dsn(), autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database))
-            )
+            drop_database(admin, database)
     counts = Counter(i for i, _ in receiver.got)
     first: dict[str, float] = {}
     for nid, at in receiver.got:

@@ -1,0 +1,83 @@
+"""What several benchmarks do alike: percentiles, stopping their services, reading a
+merchant's event stream, and sample bodies turned into the envelopes the bridge writes.
+
+Imported as ``benchmarks._common`` once a benchmark has put the repository on ``sys.path``
+(free ports come from ``tests.conftest.free_port``, the sample bodies from
+``tests.unit.samples``).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+import httpx
+
+from posflow.contracts import Accepted, IngestEnvelope, validate_message
+
+__all__ = ["envelope", "percentile_ms", "read_sse_ids", "stop_processes"]
+
+
+def percentile_ms(values: list[float], q: float) -> float:
+    """The ``q`` quantile (lower rank) of ``values`` in seconds, as milliseconds."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+def stop_processes(procs: Iterable[subprocess.Popen[bytes]], timeout: float = 30) -> None:
+    """SIGTERM to each running process, then wait; one not gone in ``timeout`` s is killed."""
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def envelope(
+    kind: str, body: Mapping[str, Any], *, received_at: datetime, mqtt_mid: int
+) -> IngestEnvelope:
+    """A terminal's message body through the bridge's validation: the envelope it writes."""
+    result = validate_message(
+        f"pos/v1/{body['merchant_id']}/{body['terminal_id']}/{kind}",
+        json.dumps(body).encode(),
+        received_at=received_at,
+        mqtt_mid=mqtt_mid,
+    )
+    assert isinstance(result, Accepted)  # noqa: S101 - the samples are valid
+    return result.envelope
+
+
+async def read_sse_ids(
+    base: str,
+    merchant: str,
+    key: str,
+    want: int,
+    got: dict[tuple[str, int], float],
+    *,
+    timeout_s: float,
+) -> None:
+    """Read ``merchant``'s event stream until ``want`` events came; ``got`` maps each
+    (merchant, seq) to the wall-clock time it arrived."""
+    headers = {"Authorization": f"Bearer {key}"}
+    async with (
+        httpx.AsyncClient(timeout=httpx.Timeout(timeout_s)) as client,
+        client.stream("GET", f"{base}/v1/merchants/{merchant}/events/stream", headers=headers) as r,
+    ):
+        r.raise_for_status()
+        count = 0
+        async for line in r.aiter_lines():
+            if line.startswith("id: "):
+                got[(merchant, int(line[4:]))] = time.time()
+                count += 1
+                if count >= want:
+                    return
