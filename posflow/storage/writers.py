@@ -17,7 +17,7 @@ that trade (see ``ledger.py``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import psycopg
 
@@ -114,10 +114,13 @@ class _CopyInsert:
     """Binary COPY into a staging table, then one idempotent INSERT ... SELECT."""
 
     table: str
-    columns: tuple[str, ...]
-    types: tuple[str, ...]  # PostgreSQL type of each column, for binary COPY
+    column_types: Mapping[str, str]  # each column with its PostgreSQL type, for binary COPY
     conflict: str  # the natural key
     synchronous: bool
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(self.column_types)
 
     def __init__(self, conn: psycopg.Connection[tuple[object, ...]], path: StoragePath) -> None:
         self.conn = conn
@@ -162,7 +165,7 @@ class _CopyInsert:
                 self._created_in_last_attempt = True
             with self.conn.cursor() as cur:
                 with cur.copy(self._copy_sql.encode()) as copy:
-                    copy.set_types(list(self.types))
+                    copy.set_types(list(self.column_types.values()))
                     for row in rows:
                         copy.write_row(row)
                 cur.execute(self._insert)
@@ -176,8 +179,7 @@ class TelemetryWriter(_CopyInsert):
     """Raw telemetry (+ the 1-minute rollup on plain PostgreSQL); returns rows newly inserted."""
 
     table = "telemetry"
-    columns = TELEMETRY_COLUMNS
-    types = tuple(_TELEMETRY_TYPES.values())
+    column_types = _TELEMETRY_TYPES
     conflict = "terminal_id, ts, seq"
     synchronous = False
 
@@ -202,8 +204,7 @@ class TransactionWriter(_CopyInsert):
     """Payment outcomes as a time series (analytics; the money is in the ledger)."""
 
     table = "transactions"
-    columns = TRANSACTION_COLUMNS
-    types = tuple(_TRANSACTION_TYPES.values())
+    column_types = _TRANSACTION_TYPES
     conflict = "txn_id, ts"
     synchronous = True
 
