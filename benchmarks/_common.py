@@ -1,5 +1,6 @@
-"""What several benchmarks do alike: percentiles, stopping their services, reading a
-merchant's event stream, and sample bodies turned into the envelopes the bridge writes.
+"""What several benchmarks do alike: percentiles, waiting for and stopping their services,
+reading a merchant's event stream, and sample bodies turned into the envelopes the bridge
+writes.
 
 Imported as ``benchmarks._common`` once a benchmark has put the repository on ``sys.path``
 (free ports come from ``tests.conftest.free_port``, the sample bodies from
@@ -20,7 +21,13 @@ import httpx
 
 from posflow.contracts import Accepted, IngestEnvelope, validate_message
 
-__all__ = ["envelope", "percentile_ms", "read_sse_ids", "stop_processes"]
+__all__ = [
+    "envelope",
+    "percentile_ms",
+    "read_sse_ids",
+    "stop_processes",
+    "wait_ready",
+]
 
 
 def percentile_ms(values: list[float], q: float) -> float:
@@ -41,6 +48,21 @@ def stop_processes(procs: Iterable[subprocess.Popen[bytes]], timeout: float = 30
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+def wait_ready(name: str, url: str, proc: subprocess.Popen[bytes], limit_s: float = 60) -> None:
+    """Until ``url`` answers 200; exits the benchmark if ``proc`` dies or time runs out."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{name} exited with {proc.returncode} before it was ready")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{name} not ready at {url} in {limit_s} s")
 
 
 def envelope(

@@ -37,7 +37,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import percentile_ms, read_sse_ids, stop_processes
+from benchmarks._common import percentile_ms, read_sse_ids, stop_processes, wait_ready
 from posflow.security.apikeys import issue_key
 from posflow.security.keys import LocalMasterKey, issue_merchant_key
 from posflow.security.roles import Principal, Role
@@ -213,16 +213,7 @@ def main() -> int:
         }
         server = subprocess.Popen([POSFLOW, "api"], env=env, stderr=subprocess.DEVNULL)
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(base + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("posflow api did not become ready in 30 s")
-            time.sleep(0.1)
+        wait_ready("posflow api", base + "/readyz", server, limit_s=30)
         result = asyncio.run(_run(args, dsn, base, keys))
         metrics = httpx.get(base + "/metrics").text
         delivered = [

@@ -49,7 +49,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import percentile_ms, read_sse_ids, stop_processes
+from benchmarks._common import percentile_ms, read_sse_ids, stop_processes, wait_ready
 from posflow.contracts import Transaction
 from posflow.security.apikeys import issue_key
 from posflow.security.keys import LocalMasterKey, issue_merchant_key
@@ -195,20 +195,6 @@ async def collect(
 
 
 # -- services --------------------------------------------------------------------------
-
-
-def wait_ready(name: str, url: str, proc: subprocess.Popen[bytes], limit_s: float = 60) -> None:
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{name} exited with {proc.returncode} before it was ready")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{name} not ready at {url} in {limit_s} s")
 
 
 def metric(url: str, name: str) -> str:
