@@ -11,9 +11,50 @@ from dataclasses import dataclass, field
 
 from posflow.settings import KafkaSettings
 
-__all__ = ["TopicSpec", "pipeline_topics"]
+__all__ = ["TopicNames", "TopicSpec", "pipeline_topics", "rekeyed_txn_topic", "topic_names"]
 
 _DAY_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class TopicNames:
+    """The name of every pipeline topic, for one prefix (``pos`` -> ``pos.txn.v1``)."""
+
+    telemetry: str
+    txn: str
+    status: str
+    deadletter: str
+    health: str
+    terminal_state: str
+    cashflow: str
+    alerts: str
+    integrity: str
+
+    @classmethod
+    def for_prefix(cls, prefix: str) -> TopicNames:
+        return cls(
+            telemetry=f"{prefix}.telemetry.v1",
+            txn=f"{prefix}.txn.v1",
+            status=f"{prefix}.status.v1",
+            deadletter=f"{prefix}.deadletter.v1",
+            health=f"{prefix}.health.v1",
+            terminal_state=f"{prefix}.terminal-state.v1",
+            cashflow=f"{prefix}.cashflow.v1",
+            alerts=f"{prefix}.alerts.v1",
+            integrity=f"{prefix}.integrity.v1",
+        )
+
+    def of_kind(self, kind: str) -> str:
+        """The topic a terminal message of ``kind`` (telemetry, txn, status) travels on."""
+        topics = {"telemetry": self.telemetry, "txn": self.txn, "status": self.status}
+        if kind not in topics:
+            raise ValueError(f"no topic for message kind {kind!r}; known: {sorted(topics)}")
+        return topics[kind]
+
+
+def topic_names(kafka: KafkaSettings) -> TopicNames:
+    """The pipeline's topic names under ``kafka.topic_prefix``."""
+    return TopicNames.for_prefix(kafka.topic_prefix)
 
 
 @dataclass(frozen=True)
@@ -26,63 +67,74 @@ class TopicSpec:
 
 def pipeline_topics(kafka: KafkaSettings) -> list[TopicSpec]:
     """Every topic posflow's services read or write, for one settings object."""
-    p = kafka.topic_prefix
+    t = topic_names(kafka)
     n = kafka.default_partitions
     keep = {"cleanup.policy": "delete", "min.insync.replicas": "1"}
     compact = {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"}
     return [
         TopicSpec(
-            f"{p}.telemetry.v1",
+            t.telemetry,
             n,
             {**keep, "retention.ms": str(7 * _DAY_MS)},
             "terminal telemetry envelopes, keyed by terminal id",
         ),
         TopicSpec(
-            f"{p}.txn.v1",
+            t.txn,
             n,
             {**keep, "retention.ms": str(30 * _DAY_MS)},
             "payment outcomes, keyed by merchant id",
         ),
         TopicSpec(
-            f"{p}.status.v1",
+            t.status,
             n,
             compact,
             "online/offline status, latest per terminal (compacted)",
         ),
         TopicSpec(
-            f"{p}.deadletter.v1",
+            t.deadletter,
             n,
             {**keep, "retention.ms": str(30 * _DAY_MS)},
             "rejected input with reason code and redacted payload",
         ),
         TopicSpec(
-            f"{p}.health.v1",
+            t.health,
             n,
             {**keep, "retention.ms": str(7 * _DAY_MS)},
             "per-terminal health records, keyed by terminal id",
         ),
         TopicSpec(
-            f"{p}.terminal-state.v1",
+            t.terminal_state,
             n,
             compact,
             "current state per terminal (compacted)",
         ),
         TopicSpec(
-            f"{p}.cashflow.v1",
+            t.cashflow,
             n,
             {**keep, "retention.ms": str(30 * _DAY_MS)},
             "merchant cash-flow events, keyed by merchant id",
         ),
         TopicSpec(
-            f"{p}.alerts.v1",
+            t.alerts,
             n,
             {**keep, "retention.ms": str(30 * _DAY_MS)},
             "alert lifecycle events, keyed by alert fingerprint",
         ),
         TopicSpec(
-            f"{p}.integrity.v1",
+            t.integrity,
             n,
             {**keep, "retention.ms": str(30 * _DAY_MS)},
             "integrity events (e.g. a transaction id reused with another body), keyed by merchant",
         ),
     ]
+
+
+def rekeyed_txn_topic(app_id: str, partitions: int) -> TopicSpec:
+    """The health workers' internal topic: payments re-keyed by terminal id, so they are
+    co-partitioned with the terminal-keyed topics (``partitions`` must match theirs)."""
+    return TopicSpec(
+        f"{app_id}-txn",
+        partitions,
+        {"cleanup.policy": "delete", "retention.ms": str(_DAY_MS)},
+        "payments re-keyed by terminal id, for the health workers (internal)",
+    )
