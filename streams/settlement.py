@@ -17,7 +17,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,7 +25,7 @@ from aiokafka import AIOKafkaProducer
 
 from posflow.contracts.money import IntegrityEvent
 from posflow.kafkalag import ConsumerLag
-from posflow.runtime import Endpoints, run_service
+from posflow.runtime import Endpoints, Service
 from posflow.security.tls import kafka_ssl_options, postgres_dsn
 from posflow.settings import Settings
 from posflow.storage.ledger import CashflowEvent, LedgerResult
@@ -36,7 +35,7 @@ from streams.settlement_entries import EntryConverter, refusal_letter
 from streams.settlement_metrics import SettlementMetrics
 from streams.settlement_outbox import Outbox
 
-__all__ = ["SettlementService", "SettlementWorker", "build"]
+__all__ = ["SettlementWorker", "build"]
 
 log = logging.getLogger("posflow.settlement")
 
@@ -177,27 +176,13 @@ class SettlementWorker:
             )
 
 
-@dataclass
-class SettlementService:
-    settings: Settings
-    worker: SettlementWorker
-
-    async def run(self) -> None:
-        """Run until SIGTERM/SIGINT; the batch in flight is committed first."""
-        services = self.settings.services
-        endpoints = Endpoints(
-            services.bind_host,
-            services.settlement,
-            self.worker.metrics.registry,
-            self.worker.is_ready,
-        )
-        await run_service("settlement worker", endpoints, self.worker.run)
-
-
 def build(
     settings: Settings, *, on_committed: Callable[[LedgerResult], None] | None = None
-) -> SettlementService:
-    """The composition root of the settlement worker; call it inside the running event
-    loop (aiokafka clients)."""
+) -> Service:
+    """The settlement worker wired whole; ``run()`` runs it until SIGTERM/SIGINT, and the
+    batch in flight is committed first. Call it inside the running event loop (aiokafka
+    clients)."""
     worker = SettlementWorker(settings, SettlementMetrics(), on_committed=on_committed)
-    return SettlementService(settings=settings, worker=worker)
+    s = settings.services
+    endpoints = Endpoints(s.bind_host, s.settlement, worker.metrics.registry, worker.is_ready)
+    return Service("settlement worker", endpoints, worker.run)

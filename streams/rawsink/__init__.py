@@ -23,7 +23,7 @@ the WAL flush), ``upkeep`` (prepare and maintain the storage), ``metrics``, ``si
 """
 
 from streams.rawsink.metrics import RawSinkMetrics
-from streams.rawsink.service import RawSinkService, build
+from streams.rawsink.service import build
 from streams.rawsink.sink import RawSink
 
-__all__ = ["RawSink", "RawSinkMetrics", "RawSinkService", "build"]
+__all__ = ["RawSink", "RawSinkMetrics", "build"]

@@ -1,33 +1,22 @@
-"""The raw sink as a service: its composition root and the shared runtime around it."""
+"""The raw sink's composition root."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from posflow.runtime import Endpoints, run_service
+from posflow.runtime import Endpoints, Service
 from posflow.security import refuse_dev_defaults
 from posflow.settings import Settings
 from streams.rawsink.metrics import RawSinkMetrics
 from streams.rawsink.sink import RawSink
 
-__all__ = ["RawSinkService", "build"]
+__all__ = ["build"]
 
 
-@dataclass
-class RawSinkService:
-    settings: Settings
-    sink: RawSink
-
-    async def run(self) -> None:
-        """Run until SIGTERM/SIGINT; the batch in flight is written and committed first."""
-        services = self.settings.services
-        endpoints = Endpoints(
-            services.bind_host, services.rawsink, self.sink.metrics.registry, self.sink.is_ready
-        )
-        await run_service("raw sink", endpoints, self.sink.run)
-
-
-def build(settings: Settings) -> RawSinkService:
-    """The composition root; call it inside the running event loop (aiokafka clients)."""
+def build(settings: Settings) -> Service:
+    """The raw sink wired whole; ``run()`` runs it until SIGTERM/SIGINT, and the batch in
+    flight is written and committed first. Call it inside the running event loop
+    (aiokafka clients)."""
     refuse_dev_defaults(settings)
-    return RawSinkService(settings, RawSink(settings, RawSinkMetrics()))
+    sink = RawSink(settings, RawSinkMetrics())
+    s = settings.services
+    endpoints = Endpoints(s.bind_host, s.rawsink, sink.metrics.registry, sink.is_ready)
+    return Service("raw sink", endpoints, sink.run)
