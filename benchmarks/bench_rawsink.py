@@ -35,7 +35,7 @@ from benchmarks._common import envelope
 from posflow.settings import KafkaSettings, PostgresSettings, RawSinkSettings, Settings
 from posflow.storage.databases import create_database, drop_database
 from streams.rawsink import RawSink, RawSinkMetrics
-from streams.rawsink_records import sort_records
+from streams.rawsink.records import sort_records
 from tests.unit import samples
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -43,7 +43,8 @@ from posflow.settings import (  # noqa: E402
 from posflow.storage import migrate  # noqa: E402
 from posflow.storage.databases import create_database  # noqa: E402
 from posflow.storage.ledger import LedgerResult  # noqa: E402
-from streams.settlement import SettlementMetrics, SettlementWorker  # noqa: E402
+from streams.settlement import SettlementWorker  # noqa: E402
+from streams.settlement_metrics import SettlementMetrics  # noqa: E402
 
 MERCHANTS = 500
 PARTITIONS = 6

@@ -25,7 +25,14 @@ from prometheus_client import CollectorRegistry
 
 from posflow.http import Route, start_http
 
-__all__ = ["Backoff", "Endpoints", "install_stop_signals", "listen_forever", "run_service"]
+__all__ = [
+    "Backoff",
+    "Endpoints",
+    "Service",
+    "install_stop_signals",
+    "listen_forever",
+    "run_service",
+]
 
 log = logging.getLogger("posflow.runtime")
 
@@ -121,6 +128,19 @@ async def run_service(
     finally:
         await runner.cleanup()
         log.info("%s stopped", name)
+
+
+@dataclass(frozen=True)
+class Service:
+    """A service as its ``build(settings)`` returns it: wired whole, ready to run."""
+
+    name: str
+    endpoints: Endpoints
+    body: Callable[[asyncio.Event], Awaitable[object]]
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """:func:`run_service` with this service's endpoints and body."""
+        await run_service(self.name, self.endpoints, self.body, stop=stop)
 
 
 async def listen_forever(

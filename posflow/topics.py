@@ -11,9 +11,50 @@ from dataclasses import dataclass, field
 
 from posflow.settings import KafkaSettings
 
-__all__ = ["TopicSpec", "pipeline_topics"]
+__all__ = ["TopicNames", "TopicSpec", "pipeline_topics", "rekeyed_txn_topic", "topic_names"]
 
 _DAY_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class TopicNames:
+    """The name of every pipeline topic, for one prefix (``pos`` -> ``pos.txn.v1``)."""
+
+    telemetry: str
+    txn: str
+    status: str
+    deadletter: str
+    health: str
+    terminal_state: str
+    cashflow: str
+    alerts: str
+    integrity: str
+
+    @classmethod
+    def for_prefix(cls, prefix: str) -> TopicNames:
+        return cls(
+            telemetry=f"{prefix}.telemetry.v1",
+            txn=f"{prefix}.txn.v1",
+            status=f"{prefix}.status.v1",
+            deadletter=f"{prefix}.deadletter.v1",
+            health=f"{prefix}.health.v1",
+            terminal_state=f"{prefix}.terminal-state.v1",
+            cashflow=f"{prefix}.cashflow.v1",
+            alerts=f"{prefix}.alerts.v1",
+            integrity=f"{prefix}.integrity.v1",
+        )
+
+    def of_kind(self, kind: str) -> str:
+        """The topic a terminal message of ``kind`` (telemetry, txn, status) travels on."""
+        topics = {"telemetry": self.telemetry, "txn": self.txn, "status": self.status}
+        if kind not in topics:
+            raise ValueError(f"no topic for message kind {kind!r}; known: {sorted(topics)}")
+        return topics[kind]
+
+
+def topic_names(kafka: KafkaSettings) -> TopicNames:
+    """The pipeline's topic names under ``kafka.topic_prefix``."""
+    return TopicNames.for_prefix(kafka.topic_prefix)
 
 
 @dataclass(frozen=True)
@@ -60,3 +101,14 @@ def pipeline_topics(kafka: KafkaSettings) -> list[TopicSpec]:
         )
         for name, days, purpose in _TOPICS
     ]
+
+
+def rekeyed_txn_topic(app_id: str, partitions: int) -> TopicSpec:
+    """The health workers' internal topic: payments re-keyed by terminal id, so they are
+    co-partitioned with the terminal-keyed topics (``partitions`` must match theirs)."""
+    return TopicSpec(
+        f"{app_id}-txn",
+        partitions,
+        {"cleanup.policy": "delete", "retention.ms": str(_DAY_MS)},
+        "payments re-keyed by terminal id, for the health workers (internal)",
+    )

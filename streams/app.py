@@ -20,205 +20,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import faust
 import orjson
 
-from posflow.contracts import DeadLetter, Reason
 from posflow.kafkalag import ConsumerLag
 from posflow.security.tls import kafka_ssl_options, postgres_dsn
 from posflow.settings import Settings
+from posflow.topics import rekeyed_txn_topic, topic_names
+from streams.health import HealthApp
 from streams.metrics import StreamMetrics
 from streams.sink import HealthSink
-from streams.window import (
-    State,
-    WindowConfig,
-    check_offline,
-    close_due,
-    heal,
-    new_state,
-    on_status,
-    on_telemetry,
-    on_txn,
-    open_records,
-)
+from streams.window import WindowConfig
 
-__all__ = ["HealthApp", "build"]
+__all__ = ["FlushBeforeCommit", "build", "run", "run_worker"]
 
 log = logging.getLogger("posflow.streams")
-
-
-def _epoch(iso: str) -> float:
-    return datetime.fromisoformat(iso).timestamp()
-
-
-def _event_time(event: dict[str, Any], now: float, cfg: WindowConfig) -> float | str:
-    """The event's time in epoch seconds, or why it can't be used."""
-    body = event if event["kind"] == "txn" else event["payload"]
-    try:
-        ts = _epoch(body["ts"])
-    except (KeyError, TypeError, ValueError, OverflowError):
-        return f"field ts: {str(body.get('ts'))[:40]!r} is not an RFC 3339 timestamp"
-    if ts > now + cfg.max_ahead_s:
-        return (
-            f"field ts: {body['ts']} is more than {cfg.max_ahead_s} s ahead of the worker's "
-            "clock; refused so it cannot hold the terminal's windows open"
-        )
-    return ts
-
-
-@dataclass
-class HealthApp:
-    """The faust app and what its agents share."""
-
-    settings: Settings
-    app: faust.App
-    metrics: StreamMetrics
-    sink: HealthSink
-    cfg: WindowConfig
-    outbox: list[tuple[bytes, bytes]] = field(default_factory=list)
-    # Records refused with their reason, for the dead-letter topic (key, dead letter).
-    refused: list[tuple[bytes, bytes]] = field(default_factory=list)
-    # States changed since the last offset commit: written to the table (and so to its
-    # changelog) once per commit, not once per batch; see FlushBeforeCommit.
-    dirty: dict[bytes, State] = field(default_factory=dict)
-    # Where final windows and state changes go (the health topic; a test may capture them).
-    publish_to: Callable[[bytes, bytes], Awaitable[None]] | None = None
-    table: Any = None  # the faust table "terminal-state"
-    agents: tuple[Any, ...] = ()  # (txn router, health agent)
-
-    def state_of(self, table: Any, key: bytes) -> State | None:
-        state: State | None = self.dirty.get(key)
-        return state if state is not None else table.get(key)
-
-    def flush_dirty(self, table: Any) -> None:
-        dirty, self.dirty = self.dirty, {}
-        for key, state in dirty.items():
-            table[key] = state
-
-    # --- processing (pure Python over the table; called from the agents) -------------
-
-    def process(self, batch: list[bytes], table: Any, now: float) -> None:
-        touched: dict[str, State] = {}
-        for value in batch:
-            event = orjson.loads(value)
-            kind, terminal = event["kind"], event["terminal_id"]
-            ts = _event_time(event, now, self.cfg)
-            if isinstance(ts, str):
-                self._refuse(terminal, kind, value, ts)
-                continue
-            state = touched.get(terminal)
-            if state is None:
-                state = self.state_of(table, terminal.encode()) or new_state(
-                    terminal, event["merchant_id"]
-                )
-                self._heal(state, now)
-                touched[terminal] = state
-            late = state["late"]
-            if kind == "telemetry":
-                outcome = on_telemetry(state, event["payload"], ts, now, self.cfg)
-            elif kind == "txn":
-                outcome = on_txn(state, event, ts, now, self.cfg)
-            else:
-                outcome = on_status(state, event["payload"], ts, now)
-            self.metrics.events.labels(kind).inc()
-            if state["late"] > late:  # also when a late message brought it back online
-                self.metrics.late.inc()
-            if outcome == "replay":
-                self.metrics.replays.inc()
-            elif outcome in ("online", "offline"):
-                self._state_change(state, outcome, now)
-        for terminal, state in touched.items():
-            self._settle(state, now)
-            self.dirty[terminal.encode()] = state
-
-    def tick(self, table: Any, now: float) -> None:
-        """Close windows of silent terminals; mark terminals silent too long offline."""
-        count = 0
-        keys = set(table.keys()) | set(self.dirty)
-        for key in keys:
-            state = self.state_of(table, key)
-            if state is None:
-                continue
-            count += 1
-            self._heal(state, now)
-            changed = check_offline(state, now, self.cfg)
-            if changed:
-                self._state_change(state, "offline", now)
-            closed = close_due(state, now, self.cfg) if state["windows"] else []
-            if closed:
-                self._publish_closed(state, closed)
-            if changed or closed:
-                self.sink.add_state(state)
-                self.dirty[key] = state
-        self.metrics.terminals.set(count)
-
-    def _refuse(self, terminal: str, kind: str, value: bytes, why: str) -> None:
-        self.metrics.refused.labels(Reason.IMPLAUSIBLE_TIMESTAMP.value).inc()
-        log.warning("%s record of terminal %s refused: %s", kind, terminal, why)
-        letter = DeadLetter(
-            reason=Reason.IMPLAUSIBLE_TIMESTAMP,
-            message=why,
-            field="ts",
-            original_topic=f"{self.settings.kafka.topic_prefix}.{kind}.v1",
-            received_at=datetime.now(UTC),
-            payload_redacted=value[:4096].decode("utf-8", "replace"),
-            payload_size=len(value),
-        )
-        self.refused.append((terminal.encode(), letter.to_json()))
-
-    def _heal(self, state: State, now: float) -> None:
-        dropped = heal(state, now, self.cfg)
-        if dropped:
-            log.warning(
-                "terminal %s: dropped %d window(s) more than %d s in the future from its "
-                "restored state",
-                state["terminal_id"],
-                dropped,
-                self.cfg.max_ahead_s,
-            )
-
-    def _publish_closed(self, state: State, closed: list[dict[str, Any]]) -> None:
-        for record in closed:
-            self.metrics.windows_closed.inc()
-            self.sink.add_window(record)
-            state["health_score"] = record["score"]
-            self.outbox.append(
-                (state["terminal_id"].encode(), orjson.dumps({"type": "window", **record}))
-            )
-
-    def _settle(self, state: State, now: float) -> None:
-        self._publish_closed(state, close_due(state, now, self.cfg))
-        for record in open_records(state, self.cfg):
-            self.sink.add_window(record)
-            state["health_score"] = record["score"]
-        if not state["online"]:
-            state["health_score"] = 0
-        self.sink.add_state(state)
-
-    def _state_change(self, state: State, to: str, now: float) -> None:
-        state["status_changed_at"] = now
-        self.metrics.state_changes.labels(to).inc()
-        self.sink.add_state(state)
-        self.outbox.append(
-            (
-                state["terminal_id"].encode(),
-                orjson.dumps(
-                    {
-                        "type": "state",
-                        "terminal_id": state["terminal_id"],
-                        "merchant_id": state["merchant_id"],
-                        "online": state["online"],
-                        "reason": state["offline_reason"],
-                        "at": now,
-                    }
-                ),
-            )
-        )
 
 
 class FlushBeforeCommit(faust.Sensor):
@@ -242,7 +60,9 @@ class FlushBeforeCommit(faust.Sensor):
 
 
 def build(settings: Settings) -> HealthApp:
-    """The composition root of the health workers."""
+    """The composition root of the health workers: the faust app with its topics, table,
+    agents, timers, metrics endpoint and commit sensor, all wired. Nothing is connected
+    yet (the unit tests build it without Kafka or a database)."""
     k, s = settings.kafka, settings.streams
     app = faust.App(
         s.app_id,
@@ -263,24 +83,26 @@ def build(settings: Settings) -> HealthApp:
         # TLS to Kafka when security.kafka_security_protocol is SSL (faust takes the context).
         broker_credentials=kafka_ssl_options(settings).get("ssl_context"),
     )
-    prefix = k.topic_prefix
+    topics = topic_names(k)
+    rekeyed = rekeyed_txn_topic(s.app_id, k.default_partitions)
     sources = app.topic(
-        f"{prefix}.telemetry.v1",
-        f"{prefix}.status.v1",
-        f"{s.app_id}-txn",
+        topics.telemetry,
+        topics.status,
+        rekeyed.name,
         key_serializer="raw",
         value_serializer="raw",
         partitions=k.default_partitions,
     )
-    txn_in = app.topic(f"{prefix}.txn.v1", key_serializer="raw", value_serializer="raw")
+    txn_in = app.topic(topics.txn, key_serializer="raw", value_serializer="raw")
     txn_by_terminal = app.topic(
-        f"{s.app_id}-txn",
+        rekeyed.name,
         key_serializer="raw",
         value_serializer="raw",
-        partitions=k.default_partitions,
+        partitions=rekeyed.partitions,
         internal=True,
     )
-    health_out = app.topic(f"{prefix}.health.v1", key_serializer="raw", value_serializer="raw")
+    health_out = app.topic(topics.health, key_serializer="raw", value_serializer="raw")
+    deadletters = app.topic(topics.deadletter, key_serializer="raw", value_serializer="raw")
     table = app.Table(
         "terminal-state",
         key_type=bytes,
@@ -296,24 +118,24 @@ def build(settings: Settings) -> HealthApp:
         drain_span_s=s.drain_span_s,
         max_ahead_s=s.max_ahead_s,
     )
-    health = HealthApp(settings, app, metrics, HealthSink(postgres_dsn(settings), metrics), cfg)
-    health.table = table
 
     async def send_health(key: bytes, value: bytes) -> None:
         await health_out.send(key=key, value=value)
 
-    health.publish_to = send_health
+    async def send_dead_letter(key: bytes, value: bytes) -> None:
+        await deadletters.send(key=key, value=value)
 
-    deadletters = app.topic(f"{prefix}.deadletter.v1", key_serializer="raw", value_serializer="raw")
-
-    async def publish() -> None:
-        outbox, health.outbox = health.outbox, []
-        sender = health.publish_to or send_health
-        for key, value in outbox:
-            await sender(key, value)
-        refused, health.refused = health.refused, []
-        for key, value in refused:
-            await deadletters.send(key=key, value=value)
+    health = HealthApp(
+        settings,
+        app,
+        metrics,
+        HealthSink(postgres_dsn(settings), metrics),
+        cfg,
+        publish_to=send_health,
+        dead_letters_to=send_dead_letter,
+        table=table,
+    )
+    app.sensors.add(FlushBeforeCommit(health, table))
 
     @app.agent(txn_in, name="txn-router")
     async def route_txn(stream: Any) -> None:
@@ -342,12 +164,12 @@ def build(settings: Settings) -> HealthApp:
             started = time.perf_counter()
             health.process(batch, table, time.time())
             metrics.batch_seconds.observe(time.perf_counter() - started)
-            await publish()
+            await health.publish()
 
     @app.timer(s.tick_s)
     async def tick() -> None:
         health.tick(table, time.time())
-        await publish()
+        await health.publish()
 
     @app.timer(s.sink_flush_s)
     async def flush() -> None:
@@ -363,6 +185,8 @@ def build(settings: Settings) -> HealthApp:
 
     @app.task
     async def serve_metrics() -> None:
+        # faust owns the loop and the signals here, so only the endpoints of
+        # posflow.runtime's service skeleton apply (they close with the loop).
         from posflow.http import start_http
 
         # Per-message debug records of aiokafka and faust cost ~10% even when not shown.
@@ -376,31 +200,32 @@ def build(settings: Settings) -> HealthApp:
             lambda: True,
         )
 
-    health.agents = (route_txn, process)
     return health
 
 
-def run_worker(settings: Settings) -> None:
-    """Run one worker until SIGTERM (faust handles the signals and the loop)."""
+def run(health: HealthApp) -> None:
+    """Run a built worker until SIGTERM (faust handles the signals and the loop).
+
+    First what it needs outside itself: the database's tables and the internal topic
+    of re-keyed payments (co-partitioned with the terminal-keyed topics).
+    """
     import psycopg
 
-    from posflow.security import refuse_dev_defaults
     from posflow.stack.kafka import ensure_topics
     from posflow.storage.setup import prepare_database
-    from posflow.topics import TopicSpec
 
-    refuse_dev_defaults(settings)
-
+    settings = health.settings
     with psycopg.connect(postgres_dsn(settings), autocommit=True) as conn:
         prepare_database(conn, settings.storage)
-    # The re-keyed payments: co-partitioned with the terminal-keyed topics.
-    internal = TopicSpec(
-        f"{settings.streams.app_id}-txn",
-        settings.kafka.default_partitions,
-        {"cleanup.policy": "delete", "retention.ms": str(24 * 3600 * 1000)},
-    )
+    internal = rekeyed_txn_topic(settings.streams.app_id, settings.kafka.default_partitions)
     asyncio.run(ensure_topics(settings, [internal]))
-    health = build(settings)
-    health.app.sensors.add(FlushBeforeCommit(health, health.table))
     worker = faust.Worker(health.app, loglevel=settings.streams.log_level)
     worker.execute_from_commandline()
+
+
+def run_worker(settings: Settings) -> None:
+    """`posflow streams worker`: build one worker, then run it."""
+    from posflow.security import refuse_dev_defaults
+
+    refuse_dev_defaults(settings)
+    run(build(settings))

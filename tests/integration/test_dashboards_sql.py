@@ -32,7 +32,7 @@ from posflow.storage.ledger import LedgerEntry, LedgerWriter
 from posflow.storage.settlement import payout
 from posflow.storage.writers import TelemetryWriter, TransactionWriter
 from streams.metrics import StreamMetrics
-from streams.settlement import to_entry
+from streams.settlement_entries import to_entry
 from streams.sink import HealthSink
 from tests.unit import samples
 

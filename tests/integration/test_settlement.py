@@ -29,7 +29,7 @@ from posflow.storage.settlement import (
     unpublished_cashflow,
     unpublished_integrity,
 )
-from streams.settlement import to_entry
+from streams.settlement_entries import to_entry
 from tests.conftest import ROOT
 from tests.integration._settlement_reference import envelope
 from tests.unit import samples

@@ -24,7 +24,7 @@ from posflow.storage import migrate
 from posflow.storage.databases import create_database
 from posflow.storage.ledger import LedgerWriter
 from posflow.storage.settlement import release_due
-from streams.settlement import to_entry
+from streams.settlement_entries import to_entry
 from tests.integration._settlement_reference import Reference, envelope
 from tests.unit import samples
 

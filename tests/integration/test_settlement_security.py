@@ -27,7 +27,7 @@ from posflow.security.roles import Principal, Role
 from posflow.settings import PostgresSettings
 from posflow.storage import migrate
 from posflow.storage.ledger import LedgerWriter
-from streams.settlement import to_entry
+from streams.settlement_entries import to_entry
 from tests.conftest import unique
 from tests.integration._settlement_reference import envelope
 from tests.unit import samples

@@ -9,7 +9,7 @@ import orjson
 
 from posflow.contracts import Accepted, DeadLetter, Reason, validate_message
 from posflow.settings import Settings
-from streams.app import HealthApp
+from streams.health import HealthApp
 from streams.metrics import StreamMetrics
 from streams.sink import HealthSink
 from streams.window import WindowConfig

@@ -9,7 +9,7 @@ from aiokafka.structs import ConsumerRecord
 
 from posflow.contracts import Accepted, IngestEnvelope, Reason, validate_message
 from posflow.contracts.records import PAYLOAD_PREVIEW_CHARS
-from streams.rawsink_records import Rejection, dead_letter, sort_records
+from streams.rawsink.records import Rejection, dead_letter, sort_records
 from tests.unit import samples
 
 TEL, TXN = "p.telemetry.v1", "p.txn.v1"

@@ -1,6 +1,6 @@
 """Kafka records -> envelopes for the raw sink, or dead letters saying why not.
 
-Pure functions, no I/O: the raw sink (:mod:`streams.rawsink`) routes what these
+Pure functions, no I/O: the raw sink (:mod:`streams.rawsink.sink`) routes what these
 return to the writers or to the dead-letter topic.
 """
 
@@ -25,7 +25,7 @@ from posflow.contracts import (
 from posflow.contracts.cardguard import identifier_runs
 from posflow.contracts.records import PAYLOAD_PREVIEW_CHARS
 
-__all__ = ["Record", "Rejection", "Sorted", "dead_letter", "sort_records"]
+__all__ = ["Record", "Rejection", "Sorted", "dead_letter", "refused_by_database", "sort_records"]
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 
@@ -104,6 +104,16 @@ def sort_records(
         else:
             out.transactions.append(envelope)
     return out
+
+
+def refused_by_database(batch: Sorted, envelope: IngestEnvelope, why: str) -> Rejection:
+    """The rejection of an envelope the database refused, with its record."""
+    error = ContractError(
+        Reason.INVALID_VALUE,
+        f"the database refused the {envelope.kind.value} row of terminal "
+        f"{envelope.terminal_id}: {why}",
+    )
+    return Rejection(batch.origin[id(envelope)], error)
 
 
 def dead_letter(rejection: Rejection, *, now: datetime | None = None) -> DeadLetter:
