@@ -7,8 +7,9 @@ role), what (the action), on what (the target), from where (``api:<client IP>``)
 when, and the outcome ``refused``.
 
 The audit functions are synchronous (psycopg), the API is async: they run in a
-worker thread on one dedicated **autocommit** connection, so a refusal's record
-is committed on its own and never rolled back with anything else. The record is
+worker thread on one dedicated **autocommit** connection (a pool of one, which
+replaces a connection the server dropped), so a refusal's record is committed on
+its own and never rolled back with anything else. The record is
 written before the refusal is answered. Staff reads of a merchant's data are
 recorded too (outcome ``ok``, ``api.audit_staff_reads``); if that record cannot
 be written the read is refused with 503: no audit, no access to money data.
@@ -22,12 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import Callable
 from enum import Enum
 from typing import Any, TypeVar
 
 import psycopg
+from psycopg_pool import ConnectionPool
 
 from posflow.security.apiauth import Principal, not_found_for
 from posflow.security.audit import record
@@ -70,32 +71,28 @@ class Access:
     """Decides, and records refusals (and staff reads) in the audit trail."""
 
     def __init__(self, conninfo: str, *, audit_staff_reads: bool) -> None:
-        self.conninfo = conninfo
         self.audit_staff_reads = audit_staff_reads
-        self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
-        self._lock = threading.Lock()  # one audit writer per process; the chain serialises anyway
+        # One audit writer per process (the chain serialises anyway); a connection found
+        # broken when taken is replaced before the work runs on it.
+        self._pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
+            conninfo,
+            min_size=1,
+            max_size=1,
+            open=False,
+            kwargs={"autocommit": True},
+            check=ConnectionPool.check_connection,
+            name="posflow-api-audit",
+        )
+
+    def open(self) -> None:
+        self._pool.open(wait=False)
 
     def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        self._pool.close()
 
     def _run(self, work: Callable[[psycopg.Connection[tuple[Any, ...]]], T]) -> T:
-        with self._lock:
-            for attempt in (1, 2):
-                try:
-                    if self._conn is None or self._conn.closed:
-                        self._conn = psycopg.connect(self.conninfo, autocommit=True)
-                    return work(self._conn)
-                except psycopg.OperationalError:
-                    # A dropped connection: reconnect once, then give up.
-                    if self._conn is not None:
-                        self._conn.close()
-                    self._conn = None
-                    if attempt == 2:
-                        raise
-            raise AssertionError("unreachable")  # pragma: no cover
+        with self._pool.connection() as conn:
+            return work(conn)
 
     async def _refuse(
         self, principal: Principal, action: Action, target: Target, source: str

@@ -1,4 +1,4 @@
-"""Composition root of the merchant feed API: ``create_app`` and ``build(settings)``."""
+"""Composition root of the merchant feed API: ``build(settings)`` (and ``create_app``, its app)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,12 @@ Balances, transaction history and a live cash-flow stream, per merchant.
 
 
 def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> FastAPI:
-    """The ASGI app; its lifespan opens the database pool and the LISTEN connection."""
+    """The ASGI app; its lifespan opens the database pools and the LISTEN connection."""
+    return build(settings, metrics).app
+
+
+def build(settings: Settings, metrics: ApiMetrics | None = None) -> ApiService:
+    """The composition root of the merchant feed API: every client, the app and its hub."""
     api = settings.api
     metrics = metrics or ApiMetrics()
     conninfo = postgres_dsn(settings)
@@ -75,6 +80,7 @@ def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> FastAPI
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await pool.open(wait=False)
+        access.open()
         hub.start()
         try:
             yield
@@ -109,7 +115,7 @@ def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> FastAPI
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
-    return app
+    return ApiService(settings=settings, app=app, metrics=metrics, hub=hub)
 
 
 class _Server(uvicorn.Server):
@@ -135,11 +141,7 @@ class ApiService:
     settings: Settings
     app: FastAPI
     metrics: ApiMetrics
-
-    @property
-    def hub(self) -> FeedHub:
-        ctx: ApiContext = self.app.state.ctx
-        return ctx.hub
+    hub: FeedHub
 
     def server(self, host: str | None = None, port: int | None = None) -> uvicorn.Server:
         config = uvicorn.Config(
@@ -175,12 +177,6 @@ class ApiService:
             server.config.port,
         )
         server.run()
-
-
-def build(settings: Settings) -> ApiService:
-    """The composition root of the merchant feed API."""
-    metrics = ApiMetrics()
-    return ApiService(settings=settings, app=create_app(settings, metrics), metrics=metrics)
 
 
 def app_from_environment() -> FastAPI:

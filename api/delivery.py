@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import random
-import signal
 import socket
 import time
 from collections.abc import Callable
@@ -36,13 +35,14 @@ from typing import Any
 
 import httpx
 import psycopg
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from api.feed import EventRow, fetch_events
+from api.metrics import DeliveryMetrics
 from api.signing import backoff_s, sign
 from api.webhooks import CHANNEL, secret_purpose
 from posflow.errors import PosflowError
+from posflow.runtime import Endpoints, listen_forever, run_service
 from posflow.security.keys import KeyProvider, MerchantKeyRevokedError, get_secret
 from posflow.security.tls import postgres_dsn
 from posflow.settings import ApiSettings, Settings
@@ -50,33 +50,6 @@ from posflow.settings import ApiSettings, Settings
 __all__ = ["DeliveryMetrics", "WebhookDeliverer", "WebhookService", "build_deliverer"]
 
 log = logging.getLogger("posflow.api.webhooks")
-
-
-class DeliveryMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        r = self.registry
-        self.attempts = Counter(
-            "posflow_webhook_attempts",
-            "delivery attempts by outcome (delivered, failed)",
-            ["outcome"],
-            registry=r,
-        )
-        self.seconds = Histogram(
-            "posflow_webhook_attempt_seconds", "one POST, sent to answered", registry=r
-        )
-        self.parked = Counter(
-            "posflow_webhook_parked",
-            "endpoints that stopped: dead (gave up) or revoked (merchant key revoked)",
-            ["state"],
-            registry=r,
-        )
-        self.endpoints = Gauge(
-            "posflow_webhook_endpoints", "endpoints by state", ["state"], registry=r
-        )
-        self.listening = Gauge(
-            "posflow_webhook_listening", "1 while the LISTEN connection is up", registry=r
-        )
 
 
 @dataclass
@@ -329,25 +302,14 @@ class WebhookDeliverer:
 
     # --- the loop ------------------------------------------------------------------------
 
-    async def _listen(self) -> None:
-        backoff = 0.2
-        while True:
-            try:
-                conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
-                async with conn:
-                    await conn.execute(f"LISTEN {CHANNEL}")
-                    self.listening = True
-                    self.metrics.listening.set(1)
-                    backoff = 0.2
-                    self.wake.set()
-                    async for _ in conn.notifies():
-                        self.wake.set()
-            except (psycopg.Error, OSError) as exc:
-                log.warning("LISTEN connection lost (%s); retrying in %.1fs", exc, backoff)
-            self.listening = False
-            self.metrics.listening.set(0)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+    def _listening(self, up: bool) -> None:
+        self.listening = up
+        self.metrics.listening.set(1 if up else 0)
+        if up:
+            self.wake.set()  # whatever was committed while we were not listening
+
+    def _notified(self, _merchant_id: str) -> None:
+        self.wake.set()
 
     async def _gauge(self) -> None:
         async with self.pool.connection() as conn:
@@ -358,7 +320,9 @@ class WebhookDeliverer:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Rounds until ``stop`` is set; a NOTIFY or the poll period starts the next."""
-        listener = asyncio.create_task(self._listen())
+        listener = asyncio.create_task(
+            listen_forever(self.conninfo, CHANNEL, self._notified, on_state=self._listening)
+        )
         gauged = 0.0
         try:
             while not stop.is_set():
@@ -387,43 +351,21 @@ class WebhookDeliverer:
 
 @dataclass
 class WebhookService:
-    settings: Settings
     deliverer: WebhookDeliverer
+    endpoints: Endpoints
 
-    async def serve(self, stop: asyncio.Event) -> None:
-        from posflow.http import start_http
-
+    async def serve(self, stop: asyncio.Event | None = None) -> None:
+        """Deliver until SIGTERM/SIGINT (or ``stop``): the current POSTs finish (bounded by
+        the timeout), then the endpoints and the pools close."""
         await self.deliverer.open()
-        runner = await start_http(
-            self.settings.services.bind_host,
-            self.settings.api.webhook_port,
-            self.deliverer.metrics.registry,
-            lambda: self.deliverer.listening,
-        )
-        log.info(
-            "webhook deliverer %s running (metrics on %s:%d)",
-            self.deliverer.me,
-            self.settings.services.bind_host,
-            self.settings.api.webhook_port,
-        )
         try:
-            await self.deliverer.run(stop)
+            name = f"webhook deliverer {self.deliverer.me}"
+            await run_service(name, self.endpoints, self.deliverer.run, stop=stop)
         finally:
-            await runner.cleanup()
             await self.deliverer.close()
-            log.info("webhook deliverer stopped")
 
     def run(self) -> None:
-        """Until SIGTERM/SIGINT: the current POSTs finish (bounded by the timeout), then exit."""
-
-        async def main() -> None:
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
-            await self.serve(stop)
-
-        asyncio.run(main())
+        asyncio.run(self.serve())
 
 
 def build_deliverer(settings: Settings, provider: KeyProvider | None = None) -> WebhookService:
@@ -433,4 +375,10 @@ def build_deliverer(settings: Settings, provider: KeyProvider | None = None) -> 
 
         provider = master_key_from_settings(settings)
     deliverer = WebhookDeliverer(settings.api, postgres_dsn(settings), provider, DeliveryMetrics())
-    return WebhookService(settings, deliverer)
+    endpoints = Endpoints(
+        settings.services.bind_host,
+        settings.api.webhook_port,
+        deliverer.metrics.registry,
+        lambda: deliverer.listening,
+    )
+    return WebhookService(deliverer, endpoints)

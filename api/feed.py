@@ -35,6 +35,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from api.metrics import ApiMetrics
+from posflow.runtime import listen_forever
 
 __all__ = ["CHANNEL", "EventRow", "FeedHub", "Subscription"]
 
@@ -171,7 +172,9 @@ class FeedHub:
     # --- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
-        self._spawn(self._listen_loop())
+        self._spawn(
+            listen_forever(self.conninfo, CHANNEL, self._notified, on_state=self._listening)
+        )
         self._spawn(self._poll_loop())
 
     def close_streams(self, reason: str) -> None:
@@ -266,29 +269,17 @@ class FeedHub:
             if not topic.subs and self._topics.get(merchant_id) is topic:
                 del self._topics[merchant_id]
 
-    async def _listen_loop(self) -> None:
-        backoff = 0.2
-        while True:
-            try:
-                conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
-                async with conn:
-                    await conn.execute(f"LISTEN {CHANNEL}")
-                    self.listening = True
-                    self.metrics.listening.set(1)
-                    backoff = 0.2
-                    log.info("listening on %s", CHANNEL)
-                    # Whatever was committed while we were not listening.
-                    for merchant_id in list(self._topics):
-                        self._kick(merchant_id)
-                    async for notify in conn.notifies():
-                        self.metrics.notifications.inc()
-                        self._kick(notify.payload)
-            except (psycopg.Error, OSError) as exc:
-                log.warning("LISTEN connection lost (%s); retrying in %.1fs", exc, backoff)
-            self.listening = False
-            self.metrics.listening.set(0)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+    def _notified(self, merchant_id: str) -> None:
+        self.metrics.notifications.inc()
+        self._kick(merchant_id)
+
+    def _listening(self, up: bool) -> None:
+        self.listening = up
+        self.metrics.listening.set(1 if up else 0)
+        if up:
+            # Whatever was committed while we were not listening.
+            for merchant_id in list(self._topics):
+                self._kick(merchant_id)
 
     async def _poll_loop(self) -> None:
         while True:

@@ -1,4 +1,5 @@
-"""Prometheus metrics of the merchant feed API, and the ASGI middleware counting requests."""
+"""Prometheus metrics of the merchant feed API and of the webhook deliverer, and the ASGI
+middleware counting requests."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["ApiMetrics", "RequestMetricsMiddleware"]
+__all__ = ["ApiMetrics", "DeliveryMetrics", "RequestMetricsMiddleware"]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -63,6 +64,35 @@ class ApiMetrics:
         )
         self.rate_limited = Counter(
             "posflow_api_rate_limited", "requests refused with 429", registry=r
+        )
+
+
+class DeliveryMetrics:
+    """The webhook deliverer's metrics (its own process and registry)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.attempts = Counter(
+            "posflow_webhook_attempts",
+            "delivery attempts by outcome (delivered, failed)",
+            ["outcome"],
+            registry=r,
+        )
+        self.seconds = Histogram(
+            "posflow_webhook_attempt_seconds", "one POST, sent to answered", registry=r
+        )
+        self.parked = Counter(
+            "posflow_webhook_parked",
+            "endpoints that stopped: dead (gave up) or revoked (merchant key revoked)",
+            ["state"],
+            registry=r,
+        )
+        self.endpoints = Gauge(
+            "posflow_webhook_endpoints", "endpoints by state", ["state"], registry=r
+        )
+        self.listening = Gauge(
+            "posflow_webhook_listening", "1 while the LISTEN connection is up", registry=r
         )
 
 

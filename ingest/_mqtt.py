@@ -31,6 +31,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.client import PUBACK
 
+from posflow.runtime import Backoff
+
 __all__ = ["BufferedClient", "LoopDriver"]
 
 log = logging.getLogger("posflow.ingest")
@@ -214,17 +216,17 @@ class LoopDriver:
         self._misc = asyncio.create_task(self._misc_loop())
 
     async def _misc_loop(self) -> None:
-        delay = 1.0
+        backoff = Backoff(first=1.0, cap=30.0)
         while True:
             await asyncio.sleep(1.0)
             if self.client.loop_misc() == mqtt.MQTT_ERR_NO_CONN:
                 try:
                     self.client.reconnect()
-                    delay = 1.0
+                    backoff.reset()
                 except OSError as exc:
+                    delay = backoff.next()
                     log.warning("MQTT reconnect failed (%s); next try in %.0f s", exc, delay)
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 30.0)
 
     async def stop(self) -> None:
         if self._misc is not None:

@@ -6,7 +6,7 @@ Flow of one message, all on one asyncio loop (see ``_mqtt.py`` for why):
    the bounded in-flight window, is validated (pure, never raises) and queued.
    When the window is full the bridge stops reading the socket: backpressure
    reaches the broker (which holds the messages for our session), not memory.
-2. The idempotent producer (acks=all) batches it to Kafka.
+2. The idempotent producer (acks=all) batches it to Kafka (``forwarder.py``).
 3. When Kafka acknowledged it, the PUBACK goes to the MQTT broker and the
    place is freed. A failed produce is retried until Kafka takes it; until
    then the broker keeps the message for this session, so a crash loses
@@ -16,43 +16,29 @@ Flow of one message, all on one asyncio loop (see ``_mqtt.py`` for why):
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
-from aiokafka.partitioner import DefaultPartitioner
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from ingest._mqtt import BufferedClient, LoopDriver
+from ingest.forwarder import KafkaForwarder, PendingRecord
 from ingest.metrics import BridgeMetrics
-from posflow.contracts import Accepted, validate_message
-from posflow.security.tls import kafka_ssl_options, service_mqtt_endpoint
+from posflow.contracts import Accepted, Kind, validate_message
+from posflow.runtime import Backoff
+from posflow.security.tls import service_mqtt_endpoint
 from posflow.settings import Settings
+from posflow.topics import topic_names
 
 __all__ = ["Bridge", "PendingRecord"]
 
 log = logging.getLogger("posflow.ingest")
-
-
-@dataclass(slots=True)
-class PendingRecord:
-    """A validated message waiting for Kafka's acknowledgement."""
-
-    topic: str
-    key: bytes
-    value: bytes
-    mid: int
-    qos: int
-    received: float  # time.monotonic() at receipt
 
 
 class Bridge:
@@ -62,37 +48,28 @@ class Bridge:
         self.settings = settings
         self.metrics = metrics or BridgeMetrics()
         cfg = settings.ingest
-        prefix = settings.kafka.topic_prefix
-        self.topics = {
-            "telemetry": f"{prefix}.telemetry.v1",
-            "txn": f"{prefix}.txn.v1",
-            "status": f"{prefix}.status.v1",
-        }
-        self.deadletter_topic = f"{prefix}.deadletter.v1"
+        names = topic_names(settings.kafka)
+        self.topics = {Kind.TELEMETRY: names.telemetry, Kind.TXN: names.txn,
+                       Kind.STATUS: names.status}  # fmt: skip
+        self.deadletter_topic = names.deadletter
         self._max_inflight = cfg.max_inflight
         self._clock_ahead = timedelta(seconds=cfg.clock_ahead_s)
         self._clock_behind = timedelta(seconds=cfg.clock_behind_s)
-        self._queue: collections.deque[PendingRecord] = collections.deque()
         self._driver: LoopDriver | None = None
         self._acks: list[int] = []
         self._drained = asyncio.Event()
-        self._partitioner = DefaultPartitioner()
         # Metric children looked up once, not per message.
-        self._received = {k: self.metrics.received.labels(k) for k in self.topics}
-        every_topic = [*self.topics.values(), self.deadletter_topic]
-        self._produced = {t: self.metrics.produced.labels(t) for t in every_topic}
-        self._producer: AIOKafkaProducer | None = None
+        self._received = {k: self.metrics.received.labels(k.value) for k in self.topics}
+        self.kafka = KafkaForwarder(
+            settings,
+            self.metrics,
+            [*self.topics.values(), self.deadletter_topic],
+            on_delivered=self._delivered,
+            on_health=self._update_ready,
+        )
         self._inflight = 0
-        # Receipt time of each record waiting for Kafka, oldest first (insertion order).
-        self._pending: dict[int, float] = {}
-        self._last_ack = time.monotonic()
-        self._watchdog: asyncio.Task[None] | None = None
-        self._sender: asyncio.Task[None] | None = None
-        self._work = asyncio.Event()
-        self._retries: set[asyncio.Future[None]] = set()
         self._draining = False
         self._mqtt_connected = asyncio.Event()
-        self._kafka_ok = False
         # Password listener, or the TLS listener with the service's certificate.
         self._mqtt_port, self._mqtt_tls = service_mqtt_endpoint(settings)
         self.client = self._make_client()
@@ -105,7 +82,7 @@ class Bridge:
 
     def is_ready(self) -> bool:
         """Ready = connected to MQTT, Kafka answering, not draining."""
-        return self._mqtt_connected.is_set() and self._kafka_ok and not self._draining
+        return self._mqtt_connected.is_set() and self.kafka.ok and not self._draining
 
     # --- MQTT side ---------------------------------------------------------------------
 
@@ -193,9 +170,9 @@ class Bridge:
         )
         if isinstance(result, Accepted):
             envelope = result.envelope
-            self._received[envelope.kind.value].inc()
+            self._received[envelope.kind].inc()
             record = PendingRecord(
-                topic=self.topics[envelope.kind.value],
+                topic=self.topics[envelope.kind],
                 key=envelope.kafka_key(),
                 value=envelope.to_json(),
                 mid=mid,
@@ -222,104 +199,17 @@ class Bridge:
 
     def _enqueue(self, record: PendingRecord) -> None:
         self._inflight += 1
-        self._queue.append(record)
         self.metrics.inflight.set(self._inflight)
-        self._work.set()
+        self.kafka.add(record)
 
     def _room(self) -> int:
         """Backpressure: how many more messages the in-flight window takes now."""
         return 0 if self._draining else self._max_inflight - self._inflight
 
-    # --- Kafka side (asyncio loop) -----------------------------------------------------
+    # --- Kafka's acknowledgements -------------------------------------------------------
 
-    async def _send_loop(self) -> None:
-        """Hand queued records to the producer in batches; acks arrive in callbacks.
-
-        Records are grouped per topic partition (the same murmur2 partitioning
-        as Kafka's Java client, so keys land where every other client puts
-        them) into the producer's own batch builders: one future per batch
-        instead of one coroutine and one future per record.
-        """
-        while True:
-            await self._work.wait()
-            records = list(self._queue)
-            self._queue.clear()
-            self._work.clear()
-            try:
-                await self._send_batches(records)
-            except KafkaError as exc:  # metadata unavailable: one by one, with retries
-                for record in records:
-                    if id(record) not in self._pending:
-                        self._failed(record, exc)
-
-    async def _send_batches(self, records: list[PendingRecord]) -> None:
-        assert self._producer is not None  # noqa: S101 - started in start()
-        groups: dict[tuple[str, int], list[PendingRecord]] = {}
-        partitions: dict[str, list[int]] = {}
-        for record in records:
-            if record.topic not in partitions:
-                partitions[record.topic] = sorted(await self._producer.partitions_for(record.topic))
-            every = partitions[record.topic]
-            partition = self._partitioner(record.key, every, every)
-            groups.setdefault((record.topic, partition), []).append(record)
-        for (topic, partition), group in groups.items():
-            builder = self._producer.create_batch()
-            chunk: list[PendingRecord] = []
-            for record in group:
-                self._pending[id(record)] = record.received
-                if builder.append(key=record.key, value=record.value, timestamp=None) is None:
-                    await self._submit(builder, topic, partition, chunk)
-                    builder, chunk = self._producer.create_batch(), []
-                    builder.append(key=record.key, value=record.value, timestamp=None)
-                chunk.append(record)
-            await self._submit(builder, topic, partition, chunk)
-
-    async def _submit(
-        self, builder: Any, topic: str, partition: int, chunk: list[PendingRecord]
-    ) -> None:
-        assert self._producer is not None  # noqa: S101
-        try:
-            future = await self._producer.send_batch(builder, topic, partition=partition)
-        except KafkaError as exc:
-            for record in chunk:
-                self._failed(record, exc)
-            return
-        future.add_done_callback(lambda f, c=chunk: self._on_batch(c, f))
-
-    def _on_batch(self, chunk: list[PendingRecord], future: asyncio.Future[object]) -> None:
-        exc = future.exception()
-        for record in chunk:
-            if exc is None:
-                self._complete(record)
-            else:
-                self._failed(record, exc)
-
-    async def _send(self, record: PendingRecord) -> None:
-        assert self._producer is not None  # noqa: S101 - started in start()
-        self._pending[id(record)] = record.received
-        try:
-            future = await self._producer.send(record.topic, record.value, key=record.key)
-        except KafkaError as exc:
-            self._failed(record, exc)
-            return
-        future.add_done_callback(lambda f, r=record: self._on_delivery(r, f))
-
-    def _on_delivery(self, record: PendingRecord, future: asyncio.Future[object]) -> None:
-        exc = future.exception()
-        if exc is not None:
-            self._failed(record, exc)
-            return
-        self._complete(record)
-
-    def _complete(self, record: PendingRecord) -> None:
-        del self._pending[id(record)]
-        self._last_ack = time.monotonic()
-        if not self._kafka_ok:
-            log.info("Kafka acknowledges again")
-            self._kafka_ok = True
-            self._update_ready()
-        self._produced[record.topic].inc()
-        self.metrics.produce_latency.observe(self._last_ack - record.received)
+    def _delivered(self, record: PendingRecord) -> None:
+        """Kafka has the record: acknowledge it to the broker and free its place."""
         if record.qos > 0:
             self._acks.append(record.mid)
             if len(self._acks) == 1:
@@ -336,55 +226,6 @@ class Bridge:
         acks, self._acks = self._acks, []
         self.client.send_pubacks(acks)
 
-    def _failed(self, record: PendingRecord, exc: BaseException) -> None:
-        """Not in Kafka: keep the slot and the MQTT message, try again after a pause."""
-        self.metrics.kafka_errors.labels(type(exc).__name__).inc()
-        if self._kafka_ok:
-            log.warning("Kafka produce failed (%s); retrying until it works", exc)
-        self._kafka_ok = False
-        self._update_ready()
-        self._pending.pop(id(record), None)
-        task = asyncio.ensure_future(self._retry(record))
-        self._retries.add(task)
-        task.add_done_callback(self._retries.discard)
-
-    async def _retry(self, record: PendingRecord) -> None:
-        await asyncio.sleep(self.settings.ingest.retry_backoff_s)
-        await self._send(record)
-
-    async def _watch_kafka(self) -> None:
-        """Kafka's health as the bridge sees it.
-
-        The producer retries internally while the broker is away, so a failure
-        may never surface as an error: a record waiting longer than the stall
-        limit marks Kafka unhealthy, and an idle bridge probes the cluster.
-        """
-        stall = self.settings.ingest.kafka_stall_s
-        while True:
-            await asyncio.sleep(0.5)
-            now = time.monotonic()
-            oldest = next(iter(self._pending.values()), None)
-            if oldest is not None and now - oldest > stall:
-                if self._kafka_ok:
-                    log.warning(
-                        "Kafka has not acknowledged a record for %.1f s; not ready", now - oldest
-                    )
-                self._kafka_ok = False
-            elif oldest is None and now - self._last_ack > stall:
-                self._kafka_ok = await self._probe_kafka()
-                if self._kafka_ok:
-                    self._last_ack = now
-            self._update_ready()
-
-    async def _probe_kafka(self) -> bool:
-        assert self._producer is not None  # noqa: S101
-        try:
-            async with asyncio.timeout(self.settings.ingest.kafka_stall_s):
-                await self._producer.client.fetch_all_metadata()
-        except (KafkaError, TimeoutError, OSError):
-            return False
-        return True
-
     def _update_ready(self) -> None:
         self.metrics.ready.set(1 if self.is_ready() else 0)
 
@@ -392,31 +233,12 @@ class Bridge:
 
     async def start(self) -> None:
         """Connect to Kafka, then to MQTT; returns once both are up."""
-        k = self.settings.kafka
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=k.bootstrap,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=self.settings.ingest.linger_ms,
-            max_batch_size=256 * 1024,
-            request_timeout_ms=10_000,
-            retry_backoff_ms=200,
-            client_id=self.settings.ingest.client_id,
-            **kafka_ssl_options(self.settings),
-        )
-        while True:
-            try:
-                await self._producer.start()
-                break
-            except KafkaError as exc:
-                log.warning("Kafka not reachable at %s (%s); retrying", k.bootstrap, exc)
-                await asyncio.sleep(self.settings.ingest.retry_backoff_s)
-        self._kafka_ok = True
-        self._watchdog = asyncio.create_task(self._watch_kafka())
-        self._sender = asyncio.create_task(self._send_loop())
+        await self.kafka.start()
         m = self.settings.mosquitto
         self._driver = LoopDriver(self.client, self._handle, self._room)
         self._driver.start()
+        retry = self.settings.ingest.retry_backoff_s
+        backoff = Backoff(first=retry, cap=retry)
         while True:
             try:
                 self.client.connect(
@@ -431,7 +253,7 @@ class Bridge:
                 log.warning(
                     "MQTT broker unreachable at %s:%d (%s); retrying", m.host, self._mqtt_port, exc
                 )
-                await asyncio.sleep(self.settings.ingest.retry_backoff_s)
+                await backoff.sleep()
         async with asyncio.timeout(30):
             await self._mqtt_connected.wait()
 
@@ -454,16 +276,12 @@ class Bridge:
         self.client.loop_write()
         if self._driver is not None:
             await self._driver.stop()
-        for task in (self._watchdog, self._sender, *self._retries):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        if self._producer is not None:
-            with contextlib.suppress(KafkaError):
-                await self._producer.stop()
+        await self.kafka.stop()
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Forward until ``stop`` is set, then drain (the body of ``posflow ingest``)."""
         await self.start()
+        log.info("bridge running")
         await stop.wait()
+        log.info("stopping: draining in-flight messages")
         await self.stop()

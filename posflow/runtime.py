@@ -42,13 +42,15 @@ class Backoff:
     """Delays that double from ``first`` up to ``cap``; ``reset()`` after a success.
 
     With ``jitter`` each delay is drawn uniformly from ``[0, delay]`` (full jitter), so
-    many clients that lost the same server do not come back in lockstep.
+    many clients that lost the same server do not come back in lockstep; ``rng`` draws
+    them (a seeded one makes a run's timing repeatable), the module's by default.
     """
 
     first: float = 0.2
     cap: float = 5.0
     factor: float = 2.0
     jitter: bool = False
+    rng: random.Random | None = field(default=None, repr=False, compare=False)
     _next: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
@@ -63,7 +65,10 @@ class Backoff:
         """The delay to wait now; the one after it grows."""
         delay = self._next
         self._next = min(self._next * self.factor, self.cap)
-        return random.uniform(0, delay) if self.jitter else delay  # noqa: S311 (not crypto)
+        if not self.jitter:
+            return delay
+        draw = random.uniform if self.rng is None else self.rng.uniform  # timing, not crypto
+        return draw(0, delay)
 
     def reset(self) -> None:
         self._next = self.first

@@ -65,14 +65,14 @@ class TopicSpec:
     purpose: str = ""
 
 
-# name, retention in days (None: compacted, the latest record per key), purpose
+# TopicNames field, retention in days (None: compacted, the latest record per key), purpose
 _TOPICS: tuple[tuple[str, int | None, str], ...] = (
     ("telemetry", 7, "terminal telemetry envelopes, keyed by terminal id"),
     ("txn", 30, "payment outcomes, keyed by merchant id"),
     ("status", None, "online/offline status, latest per terminal (compacted)"),
     ("deadletter", 30, "rejected input with reason code and redacted payload"),
     ("health", 7, "per-terminal health records, keyed by terminal id"),
-    ("terminal-state", None, "current state per terminal (compacted)"),
+    ("terminal_state", None, "current state per terminal (compacted)"),
     ("cashflow", 30, "merchant cash-flow events, keyed by merchant id"),
     ("alerts", 30, "alert lifecycle events, keyed by alert fingerprint"),
     (
@@ -95,11 +95,10 @@ def _config(retention_days: int | None) -> dict[str, str]:
 
 def pipeline_topics(kafka: KafkaSettings) -> list[TopicSpec]:
     """Every topic posflow's services read or write, for one settings object."""
+    names = topic_names(kafka)
     return [
-        TopicSpec(
-            f"{kafka.topic_prefix}.{name}.v1", kafka.default_partitions, _config(days), purpose
-        )
-        for name, days, purpose in _TOPICS
+        TopicSpec(getattr(names, field), kafka.default_partitions, _config(days), purpose)
+        for field, days, purpose in _TOPICS
     ]
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from aiohttp import web
 
 from posflow.errors import PosflowError
 from posflow.http import start_http
+from posflow.runtime import install_stop_signals
 from posflow.settings import Settings
 from simulator.engine import Message, Run
 from simulator.fleet import Fleet
@@ -91,9 +91,7 @@ class Simulation:
 
     async def run_until_done(self) -> DriveResult | None:
         """Until the run's duration passes or SIGTERM / SIGINT; None if stopped before it began."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop, sig.name)
+        install_stop_signals(self.stop, on_stop=self.request_stop)
         runner = None
         try:
             runner = await serve_metrics(self.settings, self.metrics, self.ready, required=True)
@@ -118,8 +116,6 @@ class Simulation:
             )  # fmt: skip
             return self.result
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
             if runner is not None:
                 with contextlib.suppress(Exception):
                     await runner.cleanup()

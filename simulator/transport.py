@@ -34,6 +34,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from posflow.runtime import Backoff
 from simulator.engine import Message
 
 __all__ = ["Conn", "Fanout", "TransportStats"]
@@ -77,7 +78,6 @@ class Conn:
         self.host, self.port = host, port
         self.stats = stats
         self._on_sent = on_sent
-        self._jitter = jitter
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
         if tls is not None:
             c.tls_set_context(tls)  # the certificate's common name is the MQTT username
@@ -97,7 +97,8 @@ class Conn:
         self.wanted = False  # should be connected (False after a will until back online)
         self._sock: Any = None
         self._writing = False
-        self._attempt = 0
+        # Exponential backoff with full jitter, so a fleet does not reconnect in lockstep.
+        self._backoff = Backoff(first=0.5, cap=30.0, jitter=True, rng=jitter)
         self._retry: asyncio.TimerHandle | None = None
 
     # --- paho callbacks -------------------------------------------------------------------
@@ -120,7 +121,7 @@ class Conn:
             return
         self.stats.connects += 1
         self.ready = True
-        self._attempt = 0
+        self._backoff.reset()
         self.flush()
 
     def _disconnected(
@@ -172,11 +173,8 @@ class Conn:
     def _schedule_reconnect(self) -> None:
         if self._retry is not None:
             return
-        # Exponential backoff with full jitter, so a fleet does not reconnect in lockstep.
-        cap = min(30.0, 0.5 * 2**self._attempt)
-        self._attempt += 1
         self.stats.reconnects += 1
-        self._retry = self.loop.call_later(self._jitter.uniform(0, cap), self._try_connect)
+        self._retry = self.loop.call_later(self._backoff.next(), self._try_connect)
 
     def send(self, msg: Message) -> None:
         self.pending.append(msg)
