@@ -15,8 +15,8 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from alerts.engine import Alert, Changes, Silence
 from alerts.facts import Merchant
+from alerts.lifecycle import Alert, Changes, Silence
 from posflow.security.audit import Outcome, record
 
 __all__ = ["AlertStore", "AuditEntry"]
