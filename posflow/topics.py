@@ -11,22 +11,14 @@ from dataclasses import dataclass, field
 
 from posflow.settings import KafkaSettings
 
-__all__ = ["TopicNames", "TopicSpec", "pipeline_topics", "topic_names"]
+__all__ = ["TopicNames", "TopicSpec", "pipeline_topics", "rekeyed_txn_topic", "topic_names"]
 
 _DAY_MS = 24 * 3600 * 1000
 
 
 @dataclass(frozen=True)
-class TopicSpec:
-    name: str
-    partitions: int
-    config: dict[str, str] = field(default_factory=dict)
-    purpose: str = ""
-
-
-@dataclass(frozen=True)
 class TopicNames:
-    """The name of every pipeline topic under one prefix: the one place they are spelled."""
+    """The name of every pipeline topic, for one prefix (``pos`` -> ``pos.txn.v1``)."""
 
     telemetry: str
     txn: str
@@ -38,82 +30,85 @@ class TopicNames:
     alerts: str
     integrity: str
 
+    @classmethod
+    def for_prefix(cls, prefix: str) -> TopicNames:
+        return cls(
+            telemetry=f"{prefix}.telemetry.v1",
+            txn=f"{prefix}.txn.v1",
+            status=f"{prefix}.status.v1",
+            deadletter=f"{prefix}.deadletter.v1",
+            health=f"{prefix}.health.v1",
+            terminal_state=f"{prefix}.terminal-state.v1",
+            cashflow=f"{prefix}.cashflow.v1",
+            alerts=f"{prefix}.alerts.v1",
+            integrity=f"{prefix}.integrity.v1",
+        )
+
+    def of_kind(self, kind: str) -> str:
+        """The topic a terminal message of ``kind`` (telemetry, txn, status) travels on."""
+        topics = {"telemetry": self.telemetry, "txn": self.txn, "status": self.status}
+        if kind not in topics:
+            raise ValueError(f"no topic for message kind {kind!r}; known: {sorted(topics)}")
+        return topics[kind]
+
 
 def topic_names(kafka: KafkaSettings) -> TopicNames:
-    """The topic names for ``kafka.topic_prefix``."""
-    p = kafka.topic_prefix
-    return TopicNames(
-        telemetry=f"{p}.telemetry.v1",
-        txn=f"{p}.txn.v1",
-        status=f"{p}.status.v1",
-        deadletter=f"{p}.deadletter.v1",
-        health=f"{p}.health.v1",
-        terminal_state=f"{p}.terminal-state.v1",
-        cashflow=f"{p}.cashflow.v1",
-        alerts=f"{p}.alerts.v1",
-        integrity=f"{p}.integrity.v1",
-    )
+    """The pipeline's topic names under ``kafka.topic_prefix``."""
+    return TopicNames.for_prefix(kafka.topic_prefix)
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str] = field(default_factory=dict)
+    purpose: str = ""
+
+
+# name, retention in days (None: compacted, the latest record per key), purpose
+_TOPICS: tuple[tuple[str, int | None, str], ...] = (
+    ("telemetry", 7, "terminal telemetry envelopes, keyed by terminal id"),
+    ("txn", 30, "payment outcomes, keyed by merchant id"),
+    ("status", None, "online/offline status, latest per terminal (compacted)"),
+    ("deadletter", 30, "rejected input with reason code and redacted payload"),
+    ("health", 7, "per-terminal health records, keyed by terminal id"),
+    ("terminal-state", None, "current state per terminal (compacted)"),
+    ("cashflow", 30, "merchant cash-flow events, keyed by merchant id"),
+    ("alerts", 30, "alert lifecycle events, keyed by alert fingerprint"),
+    (
+        "integrity",
+        30,
+        "integrity events (e.g. a transaction id reused with another body), keyed by merchant",
+    ),
+)
+
+
+def _config(retention_days: int | None) -> dict[str, str]:
+    if retention_days is None:
+        return {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"}
+    return {
+        "cleanup.policy": "delete",
+        "min.insync.replicas": "1",
+        "retention.ms": str(retention_days * _DAY_MS),
+    }
 
 
 def pipeline_topics(kafka: KafkaSettings) -> list[TopicSpec]:
     """Every topic posflow's services read or write, for one settings object."""
-    names = topic_names(kafka)
-    n = kafka.default_partitions
-    keep = {"cleanup.policy": "delete", "min.insync.replicas": "1"}
-    compact = {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"}
     return [
         TopicSpec(
-            names.telemetry,
-            n,
-            {**keep, "retention.ms": str(7 * _DAY_MS)},
-            "terminal telemetry envelopes, keyed by terminal id",
-        ),
-        TopicSpec(
-            names.txn,
-            n,
-            {**keep, "retention.ms": str(30 * _DAY_MS)},
-            "payment outcomes, keyed by merchant id",
-        ),
-        TopicSpec(
-            names.status,
-            n,
-            compact,
-            "online/offline status, latest per terminal (compacted)",
-        ),
-        TopicSpec(
-            names.deadletter,
-            n,
-            {**keep, "retention.ms": str(30 * _DAY_MS)},
-            "rejected input with reason code and redacted payload",
-        ),
-        TopicSpec(
-            names.health,
-            n,
-            {**keep, "retention.ms": str(7 * _DAY_MS)},
-            "per-terminal health records, keyed by terminal id",
-        ),
-        TopicSpec(
-            names.terminal_state,
-            n,
-            compact,
-            "current state per terminal (compacted)",
-        ),
-        TopicSpec(
-            names.cashflow,
-            n,
-            {**keep, "retention.ms": str(30 * _DAY_MS)},
-            "merchant cash-flow events, keyed by merchant id",
-        ),
-        TopicSpec(
-            names.alerts,
-            n,
-            {**keep, "retention.ms": str(30 * _DAY_MS)},
-            "alert lifecycle events, keyed by alert fingerprint",
-        ),
-        TopicSpec(
-            names.integrity,
-            n,
-            {**keep, "retention.ms": str(30 * _DAY_MS)},
-            "integrity events (e.g. a transaction id reused with another body), keyed by merchant",
-        ),
+            f"{kafka.topic_prefix}.{name}.v1", kafka.default_partitions, _config(days), purpose
+        )
+        for name, days, purpose in _TOPICS
     ]
+
+
+def rekeyed_txn_topic(app_id: str, partitions: int) -> TopicSpec:
+    """The health workers' internal topic: payments re-keyed by terminal id, so they are
+    co-partitioned with the terminal-keyed topics (``partitions`` must match theirs)."""
+    return TopicSpec(
+        f"{app_id}-txn",
+        partitions,
+        {"cleanup.policy": "delete", "retention.ms": str(_DAY_MS)},
+        "payments re-keyed by terminal id, for the health workers (internal)",
+    )
