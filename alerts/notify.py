@@ -27,6 +27,7 @@ import httpx
 import psycopg
 
 from alerts.metrics import AlertMetrics
+from posflow.runtime import Backoff
 
 __all__ = ["KafkaChannel", "LogChannel", "Notifier", "Outbox", "WebhookChannel", "sign"]
 
@@ -194,14 +195,20 @@ class Outbox:
         return delivered
 
     async def run(self, stopping: asyncio.Event, poll_s: float = 0.5) -> None:
+        """Deliver what is due every ``poll_s`` (or when woken) until ``stopping``; a lost
+        database connection is reopened after a growing pause."""
+        reconnect = Backoff(first=poll_s, cap=5.0)
         while not stopping.is_set():
             try:
                 await self.run_once()
+                reconnect.reset()
             except psycopg.Error as exc:
                 log.error("outbox: database error %s; retrying", exc)  # noqa: TRY400
                 if self.conn is not None:
                     self.conn.close()
                 self.conn = None
+                await reconnect.sleep(stopping)
+                continue
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout=poll_s)

@@ -15,8 +15,8 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from alerts.engine import Alert, Changes, Silence
 from alerts.facts import Merchant
+from alerts.lifecycle import Alert, Changes, Silence
 from posflow.security.audit import Outcome, record
 
 __all__ = ["AlertStore", "AuditEntry"]
@@ -58,10 +58,29 @@ def _ep(value: datetime | None) -> float | None:
 
 
 class AlertStore:
-    def __init__(self, conn: Conn, *, group: str, channels: list[str]) -> None:
-        self.conn = conn
+    """The engine's tables, on one connection opened by :meth:`open` (not at construction:
+    the service opens its connections when it runs)."""
+
+    def __init__(self, conninfo: str, *, group: str, channels: list[str]) -> None:
+        self.conninfo = conninfo
         self.group = group
         self.channels = channels
+        self._conn: Conn | None = None
+
+    @property
+    def conn(self) -> Conn:
+        if self._conn is None:
+            raise RuntimeError("the alert store is not open (AlertStore.open() first)")
+        return self._conn
+
+    def open(self) -> None:
+        if self._conn is None:
+            self._conn = psycopg.connect(self.conninfo)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def load_offsets(self) -> dict[tuple[str, int], int]:
         rows = self.conn.execute(

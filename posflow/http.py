@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -19,9 +19,12 @@ async def start_http(
     registry: CollectorRegistry,
     ready: Callable[[], bool],
     routes: Iterable[Route] = (),
+    *,
+    ready_detail: Callable[[], Mapping[str, object]] | None = None,
 ) -> web.AppRunner:
     """Serve the endpoints (and ``routes``: ``(method, path, handler)``) until the returned
-    runner is cleaned up."""
+    runner is cleaned up. ``ready_detail()``, when given, adds its fields to /readyz's body
+    (e.g. why the last configuration reload was refused)."""
 
     async def metrics(_: web.Request) -> web.Response:
         body = generate_latest(registry)
@@ -31,9 +34,11 @@ async def start_http(
         return web.json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
-        if ready():
-            return web.json_response({"status": "ready"})
-        return web.json_response({"status": "not ready"}, status=503)
+        is_ready = ready()
+        body: dict[str, object] = {"status": "ready" if is_ready else "not ready"}
+        if ready_detail is not None:
+            body |= ready_detail()
+        return web.json_response(body, status=200 if is_ready else 503)
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)

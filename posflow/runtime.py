@@ -18,7 +18,7 @@ import contextlib
 import logging
 import random
 import signal
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
@@ -108,6 +108,8 @@ class Endpoints:
     registry: CollectorRegistry
     ready: Callable[[], bool]
     routes: Iterable[Route] = ()
+    # Extra fields of /readyz's body (see posflow.http.start_http).
+    ready_detail: Callable[[], Mapping[str, object]] | None = None
 
 
 async def run_service(
@@ -125,7 +127,12 @@ async def run_service(
     stop = stop if stop is not None else asyncio.Event()
     install_stop_signals(stop, lambda sig: log.info("%s: %s received, draining", name, sig))
     runner = await start_http(
-        endpoints.host, endpoints.port, endpoints.registry, endpoints.ready, endpoints.routes
+        endpoints.host,
+        endpoints.port,
+        endpoints.registry,
+        endpoints.ready,
+        endpoints.routes,
+        ready_detail=endpoints.ready_detail,
     )
     log.info("%s: metrics on http://%s:%d/metrics", name, endpoints.host, endpoints.port)
     try:
