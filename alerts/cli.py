@@ -98,11 +98,10 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one closure per comma
     def run() -> None:
         """Run the alert engine until SIGTERM (SIGHUP reloads the rules)."""
         from alerts.service import run_service
+        from posflow.cli_support import service_settings
         from posflow.logs import configure_logging
-        from posflow.security import refuse_dev_defaults
 
-        settings = _settings()
-        refuse_dev_defaults(settings)
+        settings = service_settings()
         configure_logging()
         run_service(settings)
 

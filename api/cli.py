@@ -25,15 +25,11 @@ Actor = Annotated[
 _ROLES = "merchant, support_agent, support_lead, finance, security_admin"
 
 
-def _settings(*, production_check: bool = False) -> Settings:
-    from posflow.cli_support import load_settings as load
+def _settings() -> Settings:
+    """For the server, the deliverer and secrets: the production profile is checked."""
+    from posflow.cli_support import service_settings
 
-    settings = load()
-    if production_check:
-        from posflow.security import refuse_dev_defaults
-
-        refuse_dev_defaults(settings)
-    return settings
+    return service_settings()
 
 
 def _connect() -> psycopg.Connection[tuple[Any, ...]]:
@@ -78,7 +74,7 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one closure per comma
         from posflow.logs import configure_logging
 
         configure_logging()
-        build(_settings(production_check=True)).run()
+        build(_settings()).run()
 
     # -- keys ---------------------------------------------------------------------------
 
@@ -218,7 +214,7 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one closure per comma
         from api.webhooks import add_endpoint
         from posflow.security.keys import master_key_from_settings
 
-        settings = _settings(production_check=True)
+        settings = _settings()
         provider = master_key_from_settings(settings)
         with _connect() as conn:
             ep, secret = add_endpoint(
@@ -311,4 +307,4 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one closure per comma
         from posflow.logs import configure_logging
 
         configure_logging()
-        build_deliverer(_settings(production_check=True)).run()
+        build_deliverer(_settings()).run()

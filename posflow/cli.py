@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from posflow.cli_support import connect, console, load_settings
+from posflow.cli_support import connect, console, load_settings, service_settings
 from posflow.errors import PosflowError
 from simulator.cli import AlwaysOpen, Merchants, Terminals, TxnScale
 
@@ -255,7 +255,7 @@ def streams_worker() -> None:
     """Run a health worker (more workers with the same app id share the partitions)."""
     from streams.app import run_worker
 
-    run_worker(load_settings())
+    run_worker(service_settings())
 
 
 @streams_app.command("sink")
@@ -266,12 +266,11 @@ def streams_sink() -> None:
     from posflow.logs import configure_logging
     from streams.rawsink import build
 
-    settings = load_settings()
+    settings = service_settings()
     configure_logging()
 
     async def serve() -> None:
-        # aiokafka clients must be created inside the running event loop;
-        # build() refuses development defaults in the production profile.
+        # aiokafka clients must be created inside the running event loop.
         await build(settings).run()
 
     asyncio.run(serve())
@@ -284,10 +283,8 @@ def ingest_run() -> None:
 
     from ingest import build
     from posflow.logs import configure_logging
-    from posflow.security import refuse_dev_defaults
 
-    settings = load_settings()
-    refuse_dev_defaults(settings)
+    settings = service_settings()
     configure_logging()
     asyncio.run(build(settings).run())
 

@@ -384,12 +384,9 @@ def run_worker(settings: Settings) -> None:
     """Run one worker until SIGTERM (faust handles the signals and the loop)."""
     import psycopg
 
-    from posflow.security import refuse_dev_defaults
     from posflow.stack.kafka import ensure_topics
     from posflow.storage.setup import prepare_database
     from posflow.topics import TopicSpec
-
-    refuse_dev_defaults(settings)
 
     with psycopg.connect(postgres_dsn(settings), autocommit=True) as conn:
         prepare_database(conn, settings.storage)

@@ -38,7 +38,6 @@ from posflow.contracts import ContractError, IngestEnvelope, Reason, Transaction
 from posflow.errors import PosflowError
 from posflow.http import start_http
 from posflow.kafkalag import ConsumerLag
-from posflow.security import refuse_dev_defaults
 from posflow.security.tls import kafka_ssl_options, postgres_dsn
 from posflow.settings import Settings
 from posflow.storage.deadletters import count_dead_letters
@@ -574,5 +573,4 @@ class RawSinkService:
 
 def build(settings: Settings) -> RawSinkService:
     """The composition root; call it inside the running event loop (aiokafka clients)."""
-    refuse_dev_defaults(settings)
     return RawSinkService(settings, RawSink(settings, RawSinkMetrics()))

@@ -44,22 +44,9 @@ def _echo(line: str) -> None:
 
 
 def _settings() -> Settings:
-    from pydantic import ValidationError
+    from posflow.cli_support import service_settings
 
-    from posflow.security.production import refuse_dev_defaults
-    from posflow.settings import Settings
-
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = "POSFLOW_" + "__".join(str(p).upper() for p in first["loc"])
-        raise PosflowError(
-            f"invalid setting {where}: {first['msg']}",
-            fix=f"correct or unset the environment variable {where}",
-        ) from None
-    refuse_dev_defaults(settings)
-    return settings
+    return service_settings()
 
 
 def _principal(actor: str | None) -> Principal:
