@@ -117,7 +117,7 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one closure per comma
                 if active is None:
                     warnings.append(
                         f"merchant {merchant!r} has no active merchant key: the API answers 401 "
-                        f"until `posflow keys issue {merchant}`"
+                        f"until `posflow keys issue --merchant {merchant}`"
                     )
             with conn.transaction():
                 issued = issue_key(conn, merchant, label, role=key_role, created_by=operator.id)
