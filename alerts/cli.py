@@ -44,10 +44,9 @@ def _settings() -> Settings:
 
 
 def _client() -> str:
-    import getpass
-    import socket
+    from posflow.cli_support import cli_source
 
-    return f"cli:{getpass.getuser()}@{socket.gethostname()}"
+    return cli_source()
 
 
 def _api(method: str, path: str, key: str | None, body: dict[str, Any] | None = None) -> Any:

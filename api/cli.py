@@ -7,7 +7,6 @@ Key and webhook changes are recorded in the audit trail with the operator
 from __future__ import annotations
 
 import getpass
-import socket
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -47,7 +46,9 @@ def _actor(actor: str | None) -> str:
 
 
 def _source() -> str:
-    return f"cli:{getpass.getuser()}@{socket.gethostname()}"
+    from posflow.cli_support import cli_source
+
+    return cli_source()
 
 
 def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one closure per command
@@ -89,20 +90,15 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one closure per comma
     ) -> None:
         """Create a key and print it once (only its hash is stored)."""
         from posflow.errors import PosflowError
-        from posflow.security.apikeys import issue_key
-        from posflow.security.audit import record
-        from posflow.security.roles import Action, Principal, Role, Target, authorize_audited
+        from posflow.security.apikeys import issue_key_as
+        from posflow.security.roles import Principal, Role
 
         try:
             key_role = Role(role)
         except ValueError:
             raise PosflowError(f"unknown role {role!r}", fix=f"one of: {_ROLES}") from None
         operator = Principal(_actor(actor), Role.SECURITY_ADMIN)
-        source = _source()
         with _connect() as conn:
-            authorize_audited(
-                conn, operator, Action.KEY_ISSUE, Target("api-key", "new", merchant), source=source
-            )
             warnings = []
             if merchant is not None:
                 known = conn.execute(
@@ -119,17 +115,7 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one closure per comma
                         f"merchant {merchant!r} has no active merchant key: the API answers 401 "
                         f"until `posflow keys issue --merchant {merchant}`"
                     )
-            with conn.transaction():
-                issued = issue_key(conn, merchant, label, role=key_role, created_by=operator.id)
-                record(
-                    conn,
-                    actor=operator.id,
-                    role=operator.role.value,
-                    action=Action.KEY_ISSUE.value,
-                    target=f"api-key:{issued.key_id}",
-                    source=source,
-                    detail={"key_role": key_role.value, "merchant": merchant, "label": label},
-                )
+            issued = issue_key_as(conn, operator, merchant, label, role=key_role, source=_source())
         for warning in warnings:
             typer.echo(f"warning: {warning}", err=True)
         _print(f"key id:   {issued.key_id}")

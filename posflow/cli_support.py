@@ -11,6 +11,8 @@ the repository's development defaults before anything is built or connected.
 
 from __future__ import annotations
 
+import getpass
+import socket
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +26,7 @@ from posflow.settings import Settings
 if TYPE_CHECKING:
     import psycopg
 
-__all__ = ["connect", "console", "load_settings", "service_settings"]
+__all__ = ["cli_source", "connect", "console", "load_settings", "service_settings"]
 
 # A wide console when piped, so status tables stay one row per service in logs and CI.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -74,3 +76,8 @@ def connect(
             f"{str(exc).strip().splitlines()[0]}",
             fix=fix,
         ) from None
+
+
+def cli_source() -> str:
+    """Where a command-line change comes from, for the audit trail: ``cli:<user>@<host>``."""
+    return f"cli:{getpass.getuser()}@{socket.gethostname()}"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -37,9 +36,12 @@ from posflow.feedclient import FeedClient
 from posflow.settings import Settings
 from posflow.storage.databases import create_database
 from posflow.supervisor import ServiceSpec, Supervisor
+from posflow.topics import topic_name
 from simulator.accounting import expected_rows, wait_for_rows
 
 __all__ = ["MainJobOptions", "Summary", "run_main"]
+
+_DEMO_ACTOR = "posflow-demo"  # who the audit trail names for the demo's keys
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,6 @@ class Summary:
 def stages_for(settings: Settings) -> list[Stage]:
     """What the console counts, stage by stage, from each service's /metrics."""
     s = settings.services
-    p = settings.kafka.topic_prefix
     return [
         Stage("published (MQTT)", "simulate", s.simulator, "posflow_sim_published"),
         Stage("received from MQTT", "ingest", s.ingest, "posflow_ingest_received"),
@@ -97,7 +98,7 @@ def stages_for(settings: Settings) -> list[Stage]:
             "ingest",
             s.ingest,
             "posflow_ingest_produced",
-            {"topic": f"{p}.txn.v1"},
+            {"topic": topic_name(settings.kafka, "txn")},
         ),
         Stage("dead-lettered", "ingest", s.ingest, "posflow_ingest_dead_lettered"),
         Stage("health events", "streams", s.streams, "posflow_streams_events"),
@@ -264,19 +265,31 @@ def _featured(
             .minutes_to_close(now)) is not None and left >= 30
     ]  # fmt: skip
     merchant = str(rows[0][0]) if options.always_open or not open_now else open_now[0]
-    with contextlib.suppress(PosflowError):  # a second run: the merchant's key already exists
-        _cli(["keys", "issue", merchant, "--actor", "posflow-demo"], "issuing the merchant key")
-    out = _cli(
-        ["api", "keys", "issue", "--merchant", merchant, "--label", "posflow demo console",
-         "--actor", "posflow-demo"],
-        "issuing the merchant's API key",
-    )  # fmt: skip
-    found = re.search(r"\bpf_[A-Za-z0-9_\-]+", out)
-    if found is None:
-        raise PosflowError("no API key in the output of `posflow api keys issue`", detail=out)
+    token = _issue_keys(settings, merchant)
     say(f"  live feed of merchant {merchant} through the merchant API (SSE)")
     host = settings.services.bind_host
-    return FeedClient(f"http://{host}:{settings.services.api}", merchant, found.group(0))
+    return FeedClient(f"http://{host}:{settings.services.api}", merchant, token)
+
+
+def _issue_keys(settings: Settings, merchant: str) -> str:
+    """The merchant's key (unless it has one from an earlier run) and a new API key for the
+    console's feed, issued and audited as `posflow keys issue` / `api keys issue` do."""
+    from posflow.cli_support import cli_source, connect
+    from posflow.security.apikeys import issue_key_as
+    from posflow.security.keys import (
+        is_merchant_active,
+        issue_merchant_key,
+        master_key_from_settings,
+    )
+    from posflow.security.roles import Principal, Role
+
+    operator, source = Principal(_DEMO_ACTOR, Role.SECURITY_ADMIN), cli_source()
+    with connect(settings) as conn:
+        if not is_merchant_active(conn, merchant):
+            provider = master_key_from_settings(settings)
+            issue_merchant_key(conn, provider, merchant, actor=operator, source=source)
+        issued = issue_key_as(conn, operator, merchant, "posflow demo console", source=source)
+    return issued.token
 
 
 def run_main(settings: Settings, options: MainJobOptions, console: Console) -> Summary:

@@ -8,7 +8,6 @@ name), the role ``security_admin`` and the source ``cli:<user>@<host>``.
 from __future__ import annotations
 
 import getpass
-import socket
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -56,7 +55,9 @@ def _principal(actor: str | None) -> Principal:
 
 
 def _source() -> str:
-    return f"cli:{getpass.getuser()}@{socket.gethostname()}"
+    from posflow.cli_support import cli_source
+
+    return cli_source()
 
 
 def _connect(settings: Settings) -> psycopg.Connection[Any]:
