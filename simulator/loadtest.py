@@ -25,6 +25,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from posflow.settings import KafkaSettings, PostgresSettings, Settings
 from posflow.stack import Stack, ensure_topics
 from posflow.storage.databases import create_database
+from posflow.topics import TopicKind, topic_name
 from simulator.accounting import (
     KafkaSeen,
     Recorder,
@@ -68,9 +69,11 @@ async def read_back(
     kafka: KafkaSettings, ours: set[str], expected: int, seconds: float
 ) -> KafkaSeen:
     """Everything on the prefix's terminal and dead-letter topics, until ``expected`` or quiet."""
-    p = kafka.topic_prefix
-    topics = [f"{p}.telemetry.v1", f"{p}.txn.v1", f"{p}.status.v1", f"{p}.deadletter.v1"]
-    dead_topic = topics[-1]
+    kinds: dict[str, TopicKind] = {
+        topic_name(kafka, kind): kind for kind in ("telemetry", "txn", "status", "deadletter")
+    }
+    topics = list(kinds)
+    dead_topic = topic_name(kafka, "deadletter")
     consumer = AIOKafkaConsumer(
         bootstrap_servers=kafka.bootstrap,
         enable_auto_commit=False,
@@ -99,7 +102,7 @@ async def read_back(
                     if tp.topic == dead_topic:
                         seen.add_dead(r.value, r.timestamp, ours)
                     else:
-                        seen.add_valid(tp.topic.split(".")[-2], r.value, r.timestamp, ours)
+                        seen.add_valid(kinds[tp.topic], r.value, r.timestamp, ours)
             count += got
             now = time.monotonic()
             if got:
