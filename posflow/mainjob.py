@@ -17,7 +17,6 @@ import contextlib
 import json
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,11 +32,11 @@ from rich.table import Table
 from posflow.console import Snapshot, Stage, Watcher, render
 from posflow.errors import PosflowError
 from posflow.feedclient import FeedClient
+from posflow.harness import count_rows, posflow_command
 from posflow.settings import Settings
 from posflow.storage.databases import create_database
 from posflow.supervisor import ServiceSpec, Supervisor
 from posflow.topics import topic_name
-from simulator.accounting import expected_rows, wait_for_rows
 
 __all__ = ["MainJobOptions", "Summary", "run_main"]
 
@@ -170,7 +169,7 @@ def sim_counts_path(log_dir: Path) -> Path:
 
 def _cli(args: Sequence[str], what: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "posflow.cli", *args],
+        posflow_command(*args),
         capture_output=True,
         text=True,
         timeout=600,
@@ -422,14 +421,12 @@ def _finish(
     console.print("draining the pipeline ...", highlight=False)
     snap = _drain(watcher, options.drain_s)
     counts = _sim_counts(log_dir)
-    expected = stored = 0
+    rows = None
     if counts is not None:
-        expected = expected_rows(counts)
         # This run's rows only: the same fleet may have run on this database before.
         run_start = datetime.now(UTC) - timedelta(seconds=time.monotonic() - started)
-        stored = max(0, wait_for_rows(watcher.dsn, options.fleet_id, expected,
-                                      timeout_s=options.drain_s, still_s=2.0,
-                                      since=run_start))  # fmt: skip
+        rows = count_rows(watcher.dsn, options.fleet_id, counts, timeout_s=options.drain_s,
+                          still_s=2.0, since=run_start)  # fmt: skip
     sup.stop()
     published = snap.stage_totals.get("published (MQTT)", 0.0)
     received = snap.stage_totals.get("received from MQTT", 0.0)
@@ -454,10 +451,10 @@ def _finish(
         reached_kafka=to_kafka,
         # End to end: what the terminals sent against what the database holds. Without
         # the simulator's final counts (it crashed), the counters' view up to Kafka.
-        lost=float(max(0, expected - stored)) if counts is not None else lost_before_kafka,
+        lost=float(rows.lost) if rows is not None else lost_before_kafka,
         lost_before_kafka=lost_before_kafka,
-        expected_rows=expected,
-        stored_rows=stored,
+        expected_rows=rows.expected if rows is not None else 0,
+        stored_rows=max(0, rows.stored) if rows is not None else 0,
         expected_dead_letters=int(counts["expected_dead_letters"]) if counts else 0,
         alerts_pending=dict(snap.alerts_pending),
     )
