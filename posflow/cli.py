@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -317,16 +316,25 @@ _register_services()
 
 def _click_classes() -> tuple[tuple[type[Any], ...], tuple[type[Any], ...], tuple[type[Any], ...]]:
     """Click's exit, usage-error and abort exceptions: typer 0.2x raises its own vendored
-    click's (``typer._click``), which the ``click`` package's classes do not catch."""
-    exits: list[type[Any]] = [click.exceptions.Exit, typer.Exit]
-    errors: list[type[Any]] = [click.ClickException]
-    aborts: list[type[Any]] = [click.exceptions.Abort, typer.Abort]
+    click's (``typer._click``) and no longer needs the ``click`` package; an older typer
+    raises the ``click`` package's, whose classes the vendored ones do not catch."""
+    exits: list[type[Any]] = [typer.Exit]
+    errors: list[type[Any]] = []
+    aborts: list[type[Any]] = [typer.Abort]
     try:
         from typer._click import exceptions as vendored
     except ImportError:  # a typer that uses the click package itself
         pass
     else:
         errors.append(vendored.ClickException)
+    try:
+        import click
+    except ImportError:  # typer 0.2x without the click package installed
+        pass
+    else:
+        exits.append(click.exceptions.Exit)
+        errors.append(click.ClickException)
+        aborts.append(click.exceptions.Abort)
     return tuple(exits), tuple(errors), tuple(aborts)
 
 
