@@ -36,7 +36,7 @@ from posflow.harness import count_rows, posflow_command
 from posflow.settings import Settings
 from posflow.storage.databases import create_database
 from posflow.supervisor import ServiceSpec, Supervisor
-from posflow.topics import topic_name
+from posflow.topics import topic_names
 
 __all__ = ["MainJobOptions", "Summary", "run_main"]
 
@@ -97,7 +97,7 @@ def stages_for(settings: Settings) -> list[Stage]:
             "ingest",
             s.ingest,
             "posflow_ingest_produced",
-            {"topic": topic_name(settings.kafka, "txn")},
+            {"topic": topic_names(settings.kafka).txn},
         ),
         Stage("dead-lettered", "ingest", s.ingest, "posflow_ingest_dead_lettered"),
         Stage("health events", "streams", s.streams, "posflow_streams_events"),

@@ -26,7 +26,7 @@ from posflow.harness import Pipeline, count_rows
 from posflow.settings import KafkaSettings, PostgresSettings, Settings
 from posflow.stack import Stack, ensure_topics
 from posflow.storage.databases import create_database
-from posflow.topics import TopicKind, topic_name
+from posflow.topics import topic_names
 from simulator.accounting import KafkaSeen, Recorder, expected_rows, percentiles, reconcile
 from simulator.engine import Run
 from simulator.fleet import build_fleet
@@ -63,11 +63,10 @@ async def read_back(
     kafka: KafkaSettings, ours: set[str], expected: int, seconds: float
 ) -> KafkaSeen:
     """Everything on the prefix's terminal and dead-letter topics, until ``expected`` or quiet."""
-    kinds: dict[str, TopicKind] = {
-        topic_name(kafka, kind): kind for kind in ("telemetry", "txn", "status", "deadletter")
-    }
-    topics = list(kinds)
-    dead_topic = topic_name(kafka, "deadletter")
+    names = topic_names(kafka)
+    kinds = {names.of_kind(kind): kind for kind in ("telemetry", "txn", "status")}
+    dead_topic = names.deadletter
+    topics = [*kinds, dead_topic]
     consumer = AIOKafkaConsumer(
         bootstrap_servers=kafka.bootstrap,
         enable_auto_commit=False,

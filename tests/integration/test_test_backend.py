@@ -15,7 +15,7 @@ from posflow.settings import Settings
 from posflow.stack import Stack, ensure_topics
 from posflow.stack.mosquitto import mqtt_login_works
 from posflow.storage.databases import timescaledb_template_exists
-from posflow.topics import topic_name
+from posflow.topics import topic_names
 from tests.backends import Choice
 from tests.conftest import unique
 
@@ -35,7 +35,7 @@ async def test_the_backends_kafka_postgres_and_mosquitto_answer(
         update={"kafka": settings.kafka.model_copy(update={"topic_prefix": unique("be")})}
     )
     await ensure_topics(own)
-    topic = topic_name(own.kafka, "txn")
+    topic = topic_names(own.kafka).txn
     producer = AIOKafkaProducer(bootstrap_servers=own.kafka.bootstrap)
     await producer.start()
     try:

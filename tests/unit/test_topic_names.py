@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import ast
-from typing import get_args
+from dataclasses import astuple
 
 from posflow.settings import KafkaSettings
-from posflow.topics import TopicKind, pipeline_topics, topic_name
+from posflow.topics import pipeline_topics, topic_names
 from tests.conftest import ROOT
 from tests.unit.test_layers import COMPOSITION, modules
 
 
-def test_the_pipeline_topics_are_exactly_the_named_kinds() -> None:
+def test_the_pipeline_topics_are_exactly_the_named_ones() -> None:
     kafka = KafkaSettings(topic_prefix="lt1a2b3c")
     names = {spec.name for spec in pipeline_topics(kafka)}
-    assert names == {topic_name(kafka, kind) for kind in get_args(TopicKind)}
-    assert topic_name(kafka, "txn") == "lt1a2b3c.txn.v1"
+    assert names == set(astuple(topic_names(kafka)))
+    assert topic_names(kafka).txn == "lt1a2b3c.txn.v1"
 
 
 def test_the_composition_layer_never_spells_a_topic_name() -> None:
