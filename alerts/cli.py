@@ -44,10 +44,9 @@ def _settings() -> Settings:
 
 
 def _client() -> str:
-    import getpass
-    import socket
+    from posflow.cli_support import cli_source
 
-    return f"cli:{getpass.getuser()}@{socket.gethostname()}"
+    return cli_source()
 
 
 def _api(method: str, path: str, key: str | None, body: dict[str, Any] | None = None) -> Any:
@@ -98,11 +97,10 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one closure per comma
     def run() -> None:
         """Run the alert engine until SIGTERM (SIGHUP reloads the rules)."""
         from alerts.service import run_service
+        from posflow.cli_support import service_settings
         from posflow.logs import configure_logging
-        from posflow.security import refuse_dev_defaults
 
-        settings = _settings()
-        refuse_dev_defaults(settings)
+        settings = service_settings()
         configure_logging()
         run_service(settings)
 

@@ -7,7 +7,6 @@ Key and webhook changes are recorded in the audit trail with the operator
 from __future__ import annotations
 
 import getpass
-import socket
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -25,15 +24,11 @@ Actor = Annotated[
 _ROLES = "merchant, support_agent, support_lead, finance, security_admin"
 
 
-def _settings(*, production_check: bool = False) -> Settings:
-    from posflow.cli_support import load_settings as load
+def _settings() -> Settings:
+    """For the server, the deliverer and secrets: the production profile is checked."""
+    from posflow.cli_support import service_settings
 
-    settings = load()
-    if production_check:
-        from posflow.security import refuse_dev_defaults
-
-        refuse_dev_defaults(settings)
-    return settings
+    return service_settings()
 
 
 def _connect() -> psycopg.Connection[tuple[Any, ...]]:
@@ -51,7 +46,9 @@ def _actor(actor: str | None) -> str:
 
 
 def _source() -> str:
-    return f"cli:{getpass.getuser()}@{socket.gethostname()}"
+    from posflow.cli_support import cli_source
+
+    return cli_source()
 
 
 def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one closure per command
@@ -78,7 +75,7 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one closure per comma
         from posflow.logs import configure_logging
 
         configure_logging()
-        build(_settings(production_check=True)).run()
+        build(_settings()).run()
 
     # -- keys ---------------------------------------------------------------------------
 
@@ -93,20 +90,15 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one closure per comma
     ) -> None:
         """Create a key and print it once (only its hash is stored)."""
         from posflow.errors import PosflowError
-        from posflow.security.apikeys import issue_key
-        from posflow.security.audit import record
-        from posflow.security.roles import Action, Principal, Role, Target, authorize_audited
+        from posflow.security.apikeys import issue_key_as
+        from posflow.security.roles import Principal, Role
 
         try:
             key_role = Role(role)
         except ValueError:
             raise PosflowError(f"unknown role {role!r}", fix=f"one of: {_ROLES}") from None
         operator = Principal(_actor(actor), Role.SECURITY_ADMIN)
-        source = _source()
         with _connect() as conn:
-            authorize_audited(
-                conn, operator, Action.KEY_ISSUE, Target("api-key", "new", merchant), source=source
-            )
             warnings = []
             if merchant is not None:
                 known = conn.execute(
@@ -121,19 +113,9 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one closure per comma
                 if active is None:
                     warnings.append(
                         f"merchant {merchant!r} has no active merchant key: the API answers 401 "
-                        f"until `posflow keys issue {merchant}`"
+                        f"until `posflow keys issue --merchant {merchant}`"
                     )
-            with conn.transaction():
-                issued = issue_key(conn, merchant, label, role=key_role, created_by=operator.id)
-                record(
-                    conn,
-                    actor=operator.id,
-                    role=operator.role.value,
-                    action=Action.KEY_ISSUE.value,
-                    target=f"api-key:{issued.key_id}",
-                    source=source,
-                    detail={"key_role": key_role.value, "merchant": merchant, "label": label},
-                )
+            issued = issue_key_as(conn, operator, merchant, label, role=key_role, source=_source())
         for warning in warnings:
             typer.echo(f"warning: {warning}", err=True)
         _print(f"key id:   {issued.key_id}")
@@ -218,7 +200,7 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one closure per comma
         from api.webhooks import add_endpoint
         from posflow.security.keys import master_key_from_settings
 
-        settings = _settings(production_check=True)
+        settings = _settings()
         provider = master_key_from_settings(settings)
         with _connect() as conn:
             ep, secret = add_endpoint(
@@ -311,4 +293,4 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one closure per comma
         from posflow.logs import configure_logging
 
         configure_logging()
-        build_deliverer(_settings(production_check=True)).run()
+        build_deliverer(_settings()).run()

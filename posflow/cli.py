@@ -6,12 +6,11 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from posflow.cli_support import connect, console, load_settings
+from posflow.cli_support import connect, console, load_settings, service_settings
 from posflow.errors import PosflowError
 from simulator.cli import AlwaysOpen, Merchants, Terminals, TxnScale
 
@@ -255,7 +254,7 @@ def streams_worker() -> None:
     """Run a health worker (more workers with the same app id share the partitions)."""
     from streams.app import run_worker
 
-    run_worker(load_settings())
+    run_worker(service_settings())
 
 
 @streams_app.command("sink")
@@ -266,12 +265,11 @@ def streams_sink() -> None:
     from posflow.logs import configure_logging
     from streams.rawsink import build
 
-    settings = load_settings()
+    settings = service_settings()
     configure_logging()
 
     async def serve() -> None:
-        # aiokafka clients must be created inside the running event loop;
-        # build() refuses development defaults in the production profile.
+        # aiokafka clients must be created inside the running event loop.
         await build(settings).run()
 
     asyncio.run(serve())
@@ -284,10 +282,8 @@ def ingest_run() -> None:
 
     from ingest import build
     from posflow.logs import configure_logging
-    from posflow.security import refuse_dev_defaults
 
-    settings = load_settings()
-    refuse_dev_defaults(settings)
+    settings = service_settings()
     configure_logging()
     asyncio.run(build(settings).run())
 
@@ -320,16 +316,25 @@ _register_services()
 
 def _click_classes() -> tuple[tuple[type[Any], ...], tuple[type[Any], ...], tuple[type[Any], ...]]:
     """Click's exit, usage-error and abort exceptions: typer 0.2x raises its own vendored
-    click's (``typer._click``), which the ``click`` package's classes do not catch."""
-    exits: list[type[Any]] = [click.exceptions.Exit, typer.Exit]
-    errors: list[type[Any]] = [click.ClickException]
-    aborts: list[type[Any]] = [click.exceptions.Abort, typer.Abort]
+    click's (``typer._click``) and no longer needs the ``click`` package; an older typer
+    raises the ``click`` package's, whose classes the vendored ones do not catch."""
+    exits: list[type[Any]] = [typer.Exit]
+    errors: list[type[Any]] = []
+    aborts: list[type[Any]] = [typer.Abort]
     try:
         from typer._click import exceptions as vendored
     except ImportError:  # a typer that uses the click package itself
         pass
     else:
         errors.append(vendored.ClickException)
+    try:
+        import click
+    except ImportError:  # typer 0.2x without the click package installed
+        pass
+    else:
+        exits.append(click.exceptions.Exit)
+        errors.append(click.ClickException)
+        aborts.append(click.exceptions.Abort)
     return tuple(exits), tuple(errors), tuple(aborts)
 
 

@@ -3,10 +3,16 @@
 The core's part of the command line: the service packages' commands (``alerts.cli``,
 ``api.cli``, ...) import it, and ``posflow.cli`` on top puts the commands together.
 Errors are :class:`~posflow.errors.PosflowError`, one line for ``posflow.cli.main``.
+
+The production profile is checked here and nowhere else: a command that runs a service
+or handles its secrets takes its settings from :func:`service_settings`, which refuses
+the repository's development defaults before anything is built or connected.
 """
 
 from __future__ import annotations
 
+import getpass
+import socket
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -14,12 +20,13 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from posflow.errors import PosflowError
+from posflow.security.production import refuse_dev_defaults
 from posflow.settings import Settings
 
 if TYPE_CHECKING:
     import psycopg
 
-__all__ = ["connect", "console", "load_settings"]
+__all__ = ["cli_source", "connect", "console", "load_settings", "service_settings"]
 
 # A wide console when piped, so status tables stay one row per service in logs and CI.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -36,6 +43,15 @@ def load_settings() -> Settings:
             f"invalid setting {where}: {first['msg']}",
             fix=f"correct or unset the environment variable {where}",
         ) from None
+
+
+def service_settings() -> Settings:
+    """The settings of a command that runs a service or handles secrets (keys, certificates,
+    payout accounts): in the production profile, every development default still set is
+    refused here, in one error naming them all, before anything starts."""
+    settings = load_settings()
+    refuse_dev_defaults(settings)
+    return settings
 
 
 def connect(
@@ -60,3 +76,8 @@ def connect(
             f"{str(exc).strip().splitlines()[0]}",
             fix=fix,
         ) from None
+
+
+def cli_source() -> str:
+    """Where a command-line change comes from, for the audit trail: ``cli:<user>@<host>``."""
+    return f"cli:{getpass.getuser()}@{socket.gethostname()}"

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,12 +32,15 @@ from rich.table import Table
 from posflow.console import Snapshot, Stage, Watcher, render
 from posflow.errors import PosflowError
 from posflow.feedclient import FeedClient
+from posflow.harness import count_rows, posflow_command
 from posflow.settings import Settings
 from posflow.storage.databases import create_database
 from posflow.supervisor import ServiceSpec, Supervisor
-from simulator.accounting import expected_rows, wait_for_rows
+from posflow.topics import topic_names
 
 __all__ = ["MainJobOptions", "Summary", "run_main"]
+
+_DEMO_ACTOR = "posflow-demo"  # who the audit trail names for the demo's keys
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,6 @@ class Summary:
 def stages_for(settings: Settings) -> list[Stage]:
     """What the console counts, stage by stage, from each service's /metrics."""
     s = settings.services
-    p = settings.kafka.topic_prefix
     return [
         Stage("published (MQTT)", "simulate", s.simulator, "posflow_sim_published"),
         Stage("received from MQTT", "ingest", s.ingest, "posflow_ingest_received"),
@@ -97,7 +97,7 @@ def stages_for(settings: Settings) -> list[Stage]:
             "ingest",
             s.ingest,
             "posflow_ingest_produced",
-            {"topic": f"{p}.txn.v1"},
+            {"topic": topic_names(settings.kafka).txn},
         ),
         Stage("dead-lettered", "ingest", s.ingest, "posflow_ingest_dead_lettered"),
         Stage("health events", "streams", s.streams, "posflow_streams_events"),
@@ -169,7 +169,7 @@ def sim_counts_path(log_dir: Path) -> Path:
 
 def _cli(args: Sequence[str], what: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "posflow.cli", *args],
+        posflow_command(*args),
         capture_output=True,
         text=True,
         timeout=600,
@@ -264,19 +264,31 @@ def _featured(
             .minutes_to_close(now)) is not None and left >= 30
     ]  # fmt: skip
     merchant = str(rows[0][0]) if options.always_open or not open_now else open_now[0]
-    with contextlib.suppress(PosflowError):  # a second run: the merchant's key already exists
-        _cli(["keys", "issue", merchant, "--actor", "posflow-demo"], "issuing the merchant key")
-    out = _cli(
-        ["api", "keys", "issue", "--merchant", merchant, "--label", "posflow demo console",
-         "--actor", "posflow-demo"],
-        "issuing the merchant's API key",
-    )  # fmt: skip
-    found = re.search(r"\bpf_[A-Za-z0-9_\-]+", out)
-    if found is None:
-        raise PosflowError("no API key in the output of `posflow api keys issue`", detail=out)
+    token = _issue_keys(settings, merchant)
     say(f"  live feed of merchant {merchant} through the merchant API (SSE)")
     host = settings.services.bind_host
-    return FeedClient(f"http://{host}:{settings.services.api}", merchant, found.group(0))
+    return FeedClient(f"http://{host}:{settings.services.api}", merchant, token)
+
+
+def _issue_keys(settings: Settings, merchant: str) -> str:
+    """The merchant's key (unless it has one from an earlier run) and a new API key for the
+    console's feed, issued and audited as `posflow keys issue` / `api keys issue` do."""
+    from posflow.cli_support import cli_source, connect
+    from posflow.security.apikeys import issue_key_as
+    from posflow.security.keys import (
+        is_merchant_active,
+        issue_merchant_key,
+        master_key_from_settings,
+    )
+    from posflow.security.roles import Principal, Role
+
+    operator, source = Principal(_DEMO_ACTOR, Role.SECURITY_ADMIN), cli_source()
+    with connect(settings) as conn:
+        if not is_merchant_active(conn, merchant):
+            provider = master_key_from_settings(settings)
+            issue_merchant_key(conn, provider, merchant, actor=operator, source=source)
+        issued = issue_key_as(conn, operator, merchant, "posflow demo console", source=source)
+    return issued.token
 
 
 def run_main(settings: Settings, options: MainJobOptions, console: Console) -> Summary:
@@ -409,14 +421,12 @@ def _finish(
     console.print("draining the pipeline ...", highlight=False)
     snap = _drain(watcher, options.drain_s)
     counts = _sim_counts(log_dir)
-    expected = stored = 0
+    rows = None
     if counts is not None:
-        expected = expected_rows(counts)
         # This run's rows only: the same fleet may have run on this database before.
         run_start = datetime.now(UTC) - timedelta(seconds=time.monotonic() - started)
-        stored = max(0, wait_for_rows(watcher.dsn, options.fleet_id, expected,
-                                      timeout_s=options.drain_s, still_s=2.0,
-                                      since=run_start))  # fmt: skip
+        rows = count_rows(watcher.dsn, options.fleet_id, counts, timeout_s=options.drain_s,
+                          still_s=2.0, since=run_start)  # fmt: skip
     sup.stop()
     published = snap.stage_totals.get("published (MQTT)", 0.0)
     received = snap.stage_totals.get("received from MQTT", 0.0)
@@ -441,10 +451,10 @@ def _finish(
         reached_kafka=to_kafka,
         # End to end: what the terminals sent against what the database holds. Without
         # the simulator's final counts (it crashed), the counters' view up to Kafka.
-        lost=float(max(0, expected - stored)) if counts is not None else lost_before_kafka,
+        lost=float(rows.lost) if rows is not None else lost_before_kafka,
         lost_before_kafka=lost_before_kafka,
-        expected_rows=expected,
-        stored_rows=stored,
+        expected_rows=rows.expected if rows is not None else 0,
+        stored_rows=max(0, rows.stored) if rows is not None else 0,
         expected_dead_letters=int(counts["expected_dead_letters"]) if counts else 0,
         alerts_pending=dict(snap.alerts_pending),
     )

@@ -14,13 +14,13 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+
+from posflow.harness import answers_ready, posflow_command
 
 __all__ = ["ServiceSpec", "Supervisor"]
 
@@ -65,7 +65,7 @@ class Supervisor:
         *,
         log_dir: Path,
         on_event: Callable[[str], None],
-        program: Sequence[str] = (sys.executable, "-m", "posflow.cli"),
+        program: Sequence[str] = tuple(posflow_command()),
         base_env: Mapping[str, str] | None = None,
     ) -> None:
         self.log_dir = log_dir
@@ -95,11 +95,7 @@ class Supervisor:
         port = self.services[name].spec.metrics_port
         if port is None:
             return self.services[name].proc is not None
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=0.5) as r:
-                return int(r.status) == 200
-        except OSError:
-            return False
+        return answers_ready(port)
 
     def _start_ready(self) -> None:
         for name, running in self.services.items():

@@ -22,23 +22,18 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from posflow.harness import Pipeline, count_rows
 from posflow.settings import KafkaSettings, PostgresSettings, Settings
 from posflow.stack import Stack, ensure_topics
 from posflow.storage.databases import create_database
-from simulator.accounting import (
-    KafkaSeen,
-    Recorder,
-    expected_rows,
-    percentiles,
-    reconcile,
-    wait_for_rows,
-)
+from posflow.topics import topic_names
+from simulator.accounting import KafkaSeen, Recorder, expected_rows, percentiles, reconcile
 from simulator.engine import Run
 from simulator.fleet import build_fleet
 from simulator.metrics import SimMetrics
 from simulator.procstat import ProcSample, children_of, sample
 from simulator.register import register_fleet
-from simulator.runner import Pipeline, drive
+from simulator.runner import drive
 from simulator.scenarios import Scenario, load_scenario
 from simulator.service import serve_metrics
 from simulator.transport import TransportStats
@@ -68,9 +63,10 @@ async def read_back(
     kafka: KafkaSettings, ours: set[str], expected: int, seconds: float
 ) -> KafkaSeen:
     """Everything on the prefix's terminal and dead-letter topics, until ``expected`` or quiet."""
-    p = kafka.topic_prefix
-    topics = [f"{p}.telemetry.v1", f"{p}.txn.v1", f"{p}.status.v1", f"{p}.deadletter.v1"]
-    dead_topic = topics[-1]
+    names = topic_names(kafka)
+    kinds = {names.of_kind(kind): kind for kind in ("telemetry", "txn", "status")}
+    dead_topic = names.deadletter
+    topics = [*kinds, dead_topic]
     consumer = AIOKafkaConsumer(
         bootstrap_servers=kafka.bootstrap,
         enable_auto_commit=False,
@@ -99,7 +95,7 @@ async def read_back(
                     if tp.topic == dead_topic:
                         seen.add_dead(r.value, r.timestamp, ours)
                     else:
-                        seen.add_valid(tp.topic.split(".")[-2], r.value, r.timestamp, ours)
+                        seen.add_valid(kinds[tp.topic], r.value, r.timestamp, ours)
             count += got
             now = time.monotonic()
             if got:
@@ -339,15 +335,16 @@ async def _run(  # noqa: PLR0915 - one straight sequence of steps
         seen = await read_back(lt_settings.kafka, set(ids.values()), expected, opts.readback_s)
         console.print(f"read back in {time.monotonic() - t:.1f} s")
         await asyncio.sleep(3)  # let the health worker's sink flush
-        expected = expected_rows(metrics.counts())
-        console.print(f"waiting for the raw sink: {expected:,} rows expected")
-        stored = await asyncio.to_thread(
-            wait_for_rows, lt_settings.postgres.dsn(), name, expected, timeout_s=120, still_s=10
-        )
+        counts = metrics.counts()
+        console.print(f"waiting for the raw sink: {expected_rows(counts):,} rows expected")
+        rows = await asyncio.to_thread(
+            count_rows, lt_settings.postgres.dsn(), name, counts,
+            timeout_s=120, still_s=10,
+        )  # fmt: skip
         db_stats = _db_stats(lt_settings, list(ids.values()), rec)
-        db_stats["expected_rows"] = expected
-        db_stats["stored_rows"] = stored
-        db_stats["lost_before_database"] = max(0, expected - stored)
+        db_stats["expected_rows"] = rows.expected
+        db_stats["stored_rows"] = rows.stored
+        db_stats["lost_before_database"] = rows.lost
         db_stats["latency_publish_to_database_ms"] = _sink_latency(pipeline.ports["sink"])
         died = pipeline.exited()  # any before the stop below is a failure of the run
     finally:

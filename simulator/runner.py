@@ -1,22 +1,16 @@
-"""Driving a run in real (or sped-up) time over MQTT, and the pipeline processes it feeds."""
+"""Driving a run in real (or sped-up) time over MQTT.
+
+The pipeline processes a run feeds (`posflow ingest`, `streams worker`, ...) are started
+by the composition layer's harness, :class:`posflow.harness.Pipeline`.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import random
-import signal
-import socket
 import ssl
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 from posflow.settings import Settings
 from simulator.engine import Message, Run
@@ -25,7 +19,7 @@ from simulator.metrics import SimMetrics
 from simulator.register import gateway_account
 from simulator.transport import Fanout, TransportStats
 
-__all__ = ["DriveResult", "Pipeline", "drive"]
+__all__ = ["DriveResult", "drive"]
 
 _STEP_S = 0.05
 
@@ -155,127 +149,3 @@ async def drive(  # noqa: PLR0912, PLR0915 - one paced loop, then the drain
         await fan.close()
         if metrics is not None:
             metrics.connected = lambda: 0
-
-
-def _free_port() -> int:
-    """A free port below Linux's ephemeral range (32768+), which thousands of MQTT
-    client sockets would otherwise race a late-binding service for."""
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20_000, 32_000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise OSError("no free port in 20000-32000")
-
-
-@dataclass
-class Pipeline:
-    """`posflow ingest`, `posflow streams worker` (and `posflow settlement worker`) as
-    subprocesses on their own topics and database."""
-
-    settings: Settings
-    prefix: str
-    run_id: str
-    database: str | None = None
-    log_dir: Path = Path(tempfile.gettempdir())
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    ports: dict[str, int] = field(default_factory=dict)
-
-    def start(
-        self,
-        *,
-        worker: bool = True,
-        settlement: bool = False,
-        alerts: bool = False,
-        sink: bool = False,
-        env_extra: dict[str, str] | None = None,
-    ) -> None:
-        """Start the services and wait until each is ready; ``alerts``: `posflow alerts run`
-        too (its own offsets group, this run's database), ``sink``: `posflow streams sink`
-        (telemetry and payments into the time-series tables), ``env_extra``: more settings."""
-        names = ("ingest", "streams", "settlement", "alerts", "sink")
-        self.ports = {name: _free_port() for name in names}
-        env = {
-            **os.environ,
-            "POSFLOW_KAFKA__TOPIC_PREFIX": self.prefix,
-            "POSFLOW_INGEST__CLIENT_ID": f"posflow-ingest-{self.run_id}",
-            "POSFLOW_INGEST__SHARE_GROUP": f"sim{self.run_id}",
-            "POSFLOW_INGEST__SESSION_EXPIRY_S": "0",
-            "POSFLOW_SERVICES__INGEST": str(self.ports["ingest"]),
-            "POSFLOW_SERVICES__STREAMS": str(self.ports["streams"]),
-            "POSFLOW_STREAMS__APP_ID": f"posflow-health-{self.run_id}",
-            "POSFLOW_SERVICES__SETTLEMENT": str(self.ports["settlement"]),
-            "POSFLOW_SETTLEMENT__GROUP": f"posflow-settlement-{self.run_id}",
-            "POSFLOW_SERVICES__ALERTS": str(self.ports["alerts"]),
-            "POSFLOW_ALERTS__GROUP": f"posflow-alerts-{self.run_id}",
-            "POSFLOW_SERVICES__RAWSINK": str(self.ports["sink"]),
-            "POSFLOW_RAWSINK__GROUP": f"posflow-rawsink-{self.run_id}",
-            **(env_extra or {}),
-        }
-        if self.database is not None:
-            env["POSFLOW_POSTGRES__DATABASE"] = self.database
-        commands = {"ingest": ["ingest"]}
-        if worker:
-            commands["streams"] = ["streams", "worker"]
-        if settlement:
-            commands["settlement"] = ["settlement", "worker"]
-        if alerts:
-            commands["alerts"] = ["alerts", "run"]
-        if sink:
-            commands["sink"] = ["streams", "sink"]
-        for name, argv in commands.items():
-            with (self.log_dir / f"posflow-sim-{self.run_id}-{name}.log").open("wb") as log:
-                self.procs[name] = subprocess.Popen(
-                    [sys.executable, "-m", "posflow.cli", *argv],
-                    env=env, stdout=log, stderr=subprocess.STDOUT,
-                )  # fmt: skip
-        try:
-            self.wait_ready("ingest", 60)
-            if settlement:
-                self.wait_ready("settlement", 60)
-            if alerts:
-                self.wait_ready("alerts", 60)
-            if sink:
-                self.wait_ready("sink", 60)
-            if worker:
-                self.wait_ready("streams", 90, path="/healthz")
-        except BaseException:
-            self.stop()
-            raise
-
-    def wait_ready(self, name: str, seconds: float, path: str = "/readyz") -> None:
-        deadline = time.monotonic() + seconds
-        url = f"http://127.0.0.1:{self.ports[name]}{path}"
-        while time.monotonic() < deadline:
-            proc = self.procs[name]
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"{name} exited with {proc.returncode}; see its log in {self.log_dir}"
-                )
-            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as resp:
-                if resp.status == 200:
-                    return
-            time.sleep(0.3)
-        raise TimeoutError(f"{name} not ready within {seconds:.0f} s")
-
-    def exited(self) -> dict[str, int]:
-        """Processes that are no longer running, with their exit codes."""
-        return {name: p.returncode for name, p in self.procs.items() if p.poll() is not None}
-
-    def pids(self) -> dict[str, int]:
-        return {name: p.pid for name, p in self.procs.items() if p.poll() is None}
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()

@@ -225,7 +225,4 @@ def run(health: HealthApp) -> None:
 
 def run_worker(settings: Settings) -> None:
     """`posflow streams worker`: build one worker, then run it."""
-    from posflow.security import refuse_dev_defaults
-
-    refuse_dev_defaults(settings)
     run(build(settings))

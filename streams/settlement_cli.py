@@ -47,12 +47,9 @@ StaffKey = Annotated[
 
 
 def _settings() -> Settings:
-    from posflow.cli_support import load_settings as load
-    from posflow.security import refuse_dev_defaults
+    from posflow.cli_support import service_settings
 
-    settings = load()
-    refuse_dev_defaults(settings)
-    return settings
+    return service_settings()
 
 
 def _conninfo(settings: Settings) -> str:

@@ -1,16 +1,29 @@
-"""Shared fixtures: settings built explicitly, and the real local stack for integration tests."""
+"""Shared fixtures: settings built explicitly, and the real local stack for integration tests.
+
+The services come from the local stack unless ``POSFLOW_TEST_BACKEND`` says otherwise
+(tests/backends.py): with ``testcontainers`` (or ``auto`` where a Docker engine answers)
+Kafka, TimescaleDB and Mosquitto come from containers instead.
+"""
 
 from __future__ import annotations
 
 import os
 import secrets
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from posflow.settings import Settings, StackSettings
 from posflow.stack import Stack
+from tests.backends import (
+    BACKEND_ENV,
+    Choice,
+    choose_backend,
+    probe_engine,
+    testcontainers_installed,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,11 +53,23 @@ def unique(prefix: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def settings() -> Settings:
+def test_backend() -> Choice:
+    """Where the services come from (``POSFLOW_TEST_BACKEND``; the local stack by default)."""
+    env = os.environ
+    try:
+        return choose_backend(
+            env.get(BACKEND_ENV), probe_engine(env), installed=testcontainers_installed()
+        )
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+@pytest.fixture(scope="session")
+def settings(test_backend: Choice, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     # The stack the README's commands start, in the repo's own stack directory; CI's
     # TimescaleDB settings (.ci/run) hold here too, so a test database must have it there.
     env = os.environ
-    return Settings(
+    local = Settings(
         stack=StackSettings(
             dir=ROOT / ".stack",
             require_timescaledb=env.get("POSFLOW_STACK__REQUIRE_TIMESCALEDB", "").lower()
@@ -53,13 +78,30 @@ def settings() -> Settings:
             timescaledb_sha256=env.get("POSFLOW_STACK__TIMESCALEDB_SHA256") or None,
         )
     )
+    if test_backend.backend is None:
+        pytest.skip(test_backend.reason)
+    if test_backend.backend == "stack":
+        yield local
+        return
+    from tests._containers import container_services
+
+    # Its own stack directory: the containers' broker configuration, PKI and logs.
+    own = local.model_copy(
+        update={"stack": StackSettings(dir=tmp_path_factory.mktemp("stack"), install=False)}
+    )
+    with container_services(own, free_port()) as settings:
+        yield settings
 
 
 @pytest.fixture(scope="session")
-def stack(settings: Settings) -> Stack:
-    """The running local stack; started here if `posflow stack up` was not run first."""
+def stack(settings: Settings, test_backend: Choice) -> Stack:
+    """The running local stack; started here if `posflow stack up` was not run first.
+
+    With the testcontainers backend the containers are the services: nothing is started.
+    """
     stack = Stack(settings)
-    stack.up()
+    if test_backend.backend == "stack":
+        stack.up()
     return stack
 
 

@@ -23,7 +23,8 @@ from typing import Any
 import psycopg
 
 from posflow.errors import PosflowError
-from posflow.security.roles import Role
+from posflow.security.audit import record
+from posflow.security.roles import Action, Principal, Role, Target, authorize_audited
 
 __all__ = [
     "ApiKey",
@@ -31,6 +32,7 @@ __all__ = [
     "KeyRecord",
     "hash_matches",
     "issue_key",
+    "issue_key_as",
     "list_keys",
     "parse_key",
     "revoke_key",
@@ -146,3 +148,30 @@ def list_keys(
         {"m": merchant_id, "r": role.value if role else None},
     ).fetchall()
     return [_record(row) for row in rows]
+
+
+def issue_key_as(
+    conn: psycopg.Connection[Any],
+    operator: Principal,
+    merchant_id: str | None,
+    label: str = "",
+    *,
+    role: Role = Role.MERCHANT,
+    source: str,
+) -> IssuedKey:
+    """:func:`issue_key` on behalf of ``operator``: authorised (a refusal is recorded), and
+    the key and its audit record written in one transaction. ``conn`` is autocommit."""
+    target = Target("api-key", "new", merchant_id)
+    authorize_audited(conn, operator, Action.KEY_ISSUE, target, source=source)
+    with conn.transaction():
+        issued = issue_key(conn, merchant_id, label, role=role, created_by=operator.id)
+        record(
+            conn,
+            actor=operator.id,
+            role=operator.role.value,
+            action=Action.KEY_ISSUE.value,
+            target=f"api-key:{issued.key_id}",
+            source=source,
+            detail={"key_role": role.value, "merchant": merchant_id, "label": label},
+        )
+    return issued

@@ -8,7 +8,6 @@ name), the role ``security_admin`` and the source ``cli:<user>@<host>``.
 from __future__ import annotations
 
 import getpass
-import socket
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -44,22 +43,9 @@ def _echo(line: str) -> None:
 
 
 def _settings() -> Settings:
-    from pydantic import ValidationError
+    from posflow.cli_support import service_settings
 
-    from posflow.security.production import refuse_dev_defaults
-    from posflow.settings import Settings
-
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = "POSFLOW_" + "__".join(str(p).upper() for p in first["loc"])
-        raise PosflowError(
-            f"invalid setting {where}: {first['msg']}",
-            fix=f"correct or unset the environment variable {where}",
-        ) from None
-    refuse_dev_defaults(settings)
-    return settings
+    return service_settings()
 
 
 def _principal(actor: str | None) -> Principal:
@@ -69,7 +55,9 @@ def _principal(actor: str | None) -> Principal:
 
 
 def _source() -> str:
-    return f"cli:{getpass.getuser()}@{socket.gethostname()}"
+    from posflow.cli_support import cli_source
+
+    return cli_source()
 
 
 def _connect(settings: Settings) -> psycopg.Connection[Any]:
@@ -260,14 +248,42 @@ def pki_apply(
 
 # -- keys -----------------------------------------------------------------------------
 
-MerchantId = Annotated[str, typer.Argument(help="merchant id")]
+# One convention across the command line: the merchant is named by `--merchant M` (as in
+# `posflow api keys issue`, `webhooks`, `payout`, `settlement`). The positional spelling of
+# the first release (`posflow keys issue M`) still works, with a warning, and is not shown.
+Merchant = Annotated[str | None, typer.Option("--merchant", help="merchant id")]
+_POSITIONAL_MERCHANT = {"allow_extra_args": True}
 
 
-@keys_app.command("issue")
-def keys_issue(merchant_id: MerchantId, actor: Actor = None) -> None:
+def _merchant(option: str | None, ctx: typer.Context) -> str:
+    """The merchant id from ``--merchant`` (or, deprecated, one positional argument)."""
+    command = ctx.info_name
+    if len(ctx.args) > 1:
+        raise typer.BadParameter(f"one merchant, not {ctx.args}", param_hint="'--merchant'")
+    positional = ctx.args[0] if ctx.args else None
+    if positional is not None:
+        if option is not None and option != positional:
+            raise typer.BadParameter(
+                f"two merchants given ({positional!r} and --merchant {option!r})",
+                param_hint="'--merchant'",
+            )
+        typer.echo(
+            f"posflow: warning: `posflow keys {command} {positional}` is deprecated; "
+            f"use `posflow keys {command} --merchant {positional}`",
+            err=True,
+        )
+    merchant = option or positional
+    if not merchant:
+        raise typer.BadParameter("a merchant id is needed", param_hint="'--merchant'")
+    return merchant
+
+
+@keys_app.command("issue", context_settings=_POSITIONAL_MERCHANT)
+def keys_issue(ctx: typer.Context, merchant: Merchant = None, actor: Actor = None) -> None:
     """Create the merchant's key (its secrets can then be stored)."""
     from posflow.security.keys import issue_merchant_key, master_key_from_settings
 
+    merchant_id = _merchant(merchant, ctx)
     settings = _settings()
     with _connect(settings) as conn:
         _require_schema(conn)
@@ -281,11 +297,12 @@ def keys_issue(merchant_id: MerchantId, actor: Actor = None) -> None:
     _echo(f"merchant {merchant_id}: key version {version} active")
 
 
-@keys_app.command("rotate")
-def keys_rotate(merchant_id: MerchantId, actor: Actor = None) -> None:
+@keys_app.command("rotate", context_settings=_POSITIONAL_MERCHANT)
+def keys_rotate(ctx: typer.Context, merchant: Merchant = None, actor: Actor = None) -> None:
     """New key version; re-encrypt the merchant's secrets; retire the old version."""
     from posflow.security.keys import master_key_from_settings, rotate_merchant_key
 
+    merchant_id = _merchant(merchant, ctx)
     settings = _settings()
     with _connect(settings) as conn:
         _require_schema(conn)
@@ -302,9 +319,10 @@ def keys_rotate(merchant_id: MerchantId, actor: Actor = None) -> None:
     )
 
 
-@keys_app.command("revoke")
+@keys_app.command("revoke", context_settings=_POSITIONAL_MERCHANT)
 def keys_revoke(
-    merchant_id: MerchantId,
+    ctx: typer.Context,
+    merchant: Merchant = None,
     reason: Annotated[str, typer.Option(help="why (recorded)")] = "unspecified",
     yes: Annotated[bool, typer.Option("--yes", help="confirm: this cannot be undone")] = False,
     actor: Actor = None,
@@ -312,6 +330,7 @@ def keys_revoke(
     """Revoke the merchant's key: its secrets become unreadable, its API keys invalid."""
     from posflow.security.keys import revoke_merchant_key
 
+    merchant_id = _merchant(merchant, ctx)
     if not yes:
         raise PosflowError(
             f"revoking {merchant_id}'s key destroys its encrypted secrets for good",
@@ -326,11 +345,12 @@ def keys_revoke(
     _echo(f"merchant {merchant_id}: key versions {versions} revoked (secrets shredded)")
 
 
-@keys_app.command("status")
-def keys_status(merchant_id: MerchantId) -> None:
+@keys_app.command("status", context_settings=_POSITIONAL_MERCHANT)
+def keys_status(ctx: typer.Context, merchant: Merchant = None) -> None:
     """The merchant's key versions."""
     from posflow.security.keys import key_versions
 
+    merchant_id = _merchant(merchant, ctx)
     settings = _settings()
     with _connect(settings) as conn:
         _require_schema(conn)

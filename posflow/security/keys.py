@@ -220,7 +220,7 @@ def _active_version(conn: Conn, merchant_id: str, *, share: bool = False) -> int
     if row is None:
         raise MerchantKeyRevokedError(
             f"merchant {merchant_id!r} has no active key (never issued, or revoked)",
-            fix=f"`posflow keys issue {merchant_id}`",
+            fix=f"`posflow keys issue --merchant {merchant_id}`",
         )
     return int(row[0])
 
@@ -291,7 +291,7 @@ def issue_merchant_key(
         if live:
             raise PosflowError(
                 f"merchant {merchant_id!r} already has a key",
-                fix=f"rotate it instead: `posflow keys rotate {merchant_id}`",
+                fix=f"rotate it instead: `posflow keys rotate --merchant {merchant_id}`",
             )
         version = last + 1
         conn.execute(
@@ -370,7 +370,7 @@ def revoke_merchant_key(
         if not rows:
             raise PosflowError(
                 f"merchant {merchant_id!r} has no live key to revoke",
-                fix=f"`posflow keys status {merchant_id}` shows its key versions",
+                fix=f"`posflow keys status --merchant {merchant_id}` shows its key versions",
             )
         versions = sorted(int(r[0]) for r in rows)
         _audit(
@@ -439,7 +439,7 @@ def rotate_merchant_key(
             raise PosflowError(
                 f"merchant {merchant_id!r}: {left[0]} secrets were written under the old key "
                 "during the rotation",
-                fix=f"run `posflow keys rotate {merchant_id}` again to finish",
+                fix=f"run `posflow keys rotate --merchant {merchant_id}` again to finish",
             )
         conn.execute(
             "UPDATE merchant_keys SET status = 'retired', wrapped_seed = NULL, retired_at = now()"
@@ -506,6 +506,6 @@ def _reencrypt(
         raise PosflowError(
             f"merchant {merchant_id!r}: {left[0]} secrets still under key version {old} "
             "(locked by another writer)",
-            fix=f"run `posflow keys rotate {merchant_id}` again to finish",
+            fix=f"run `posflow keys rotate --merchant {merchant_id}` again to finish",
         )
     return moved

@@ -59,7 +59,8 @@ def dev_default_settings(settings: Settings) -> list[str]:
 def refuse_dev_defaults(settings: Settings) -> None:
     """In the production profile, raise PosflowError naming every development default left.
 
-    Call it first in every service's entry point; the dev profile passes untouched.
+    The command line calls it once, in ``posflow.cli_support.service_settings``, for every
+    command that runs a service or handles secrets; the dev profile passes untouched.
     """
     if settings.security.profile != "production":
         return

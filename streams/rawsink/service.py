@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from posflow.runtime import Endpoints, Service
-from posflow.security import refuse_dev_defaults
 from posflow.settings import Settings
 from streams.rawsink.metrics import RawSinkMetrics
 from streams.rawsink.sink import RawSink
@@ -15,7 +14,6 @@ def build(settings: Settings) -> Service:
     """The raw sink wired whole; ``run()`` runs it until SIGTERM/SIGINT, and the batch in
     flight is written and committed first. Call it inside the running event loop
     (aiokafka clients)."""
-    refuse_dev_defaults(settings)
     sink = RawSink(settings, RawSinkMetrics())
     s = settings.services
     endpoints = Endpoints(s.bind_host, s.rawsink, sink.metrics.registry, sink.is_ready)

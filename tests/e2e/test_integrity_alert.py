@@ -17,11 +17,11 @@ import psycopg
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from posflow.harness import Pipeline
 from posflow.settings import KafkaSettings, PostgresSettings, Settings
 from posflow.stack import Stack, ensure_topics
 from simulator.fleet import build_fleet
 from simulator.register import register_fleet
-from simulator.runner import Pipeline
 from tests.conftest import unique
 from tests.integration._settlement_reference import envelope
 from tests.unit import samples

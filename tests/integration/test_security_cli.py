@@ -49,13 +49,29 @@ def test_pki_and_keys_commands_are_audited(
     assert "T-0193" in _run(pg, tmp_path, "pki", "list")
     out = _run(pg, tmp_path, "pki", "revoke", "T-0193", "--reason", "lost", "--actor", "alice")
     assert "not running" in out  # this stack directory has no broker: the CRL is read at start
-    assert "key version 1 active" in _run(pg, tmp_path, "keys", "issue", "M-7", "--actor", "bob")
-    assert "key version 2 active" in _run(pg, tmp_path, "keys", "rotate", "M-7", "--actor", "bob")
+    assert "key version 1 active" in _run(
+        pg, tmp_path, "keys", "issue", "--merchant", "M-7", "--actor", "bob"
+    )
+    assert "key version 2 active" in _run(
+        pg, tmp_path, "keys", "rotate", "--merchant", "M-7", "--actor", "bob"
+    )
     with pytest.raises(PosflowError, match="--yes"):
-        _run(pg, tmp_path, "keys", "revoke", "M-7")
-    _run(pg, tmp_path, "keys", "revoke", "M-7", "--yes", "--actor", "bob", "--reason", "fraud")
+        _run(pg, tmp_path, "keys", "revoke", "--merchant", "M-7")
+    _run(
+        pg,
+        tmp_path,
+        "keys",
+        "revoke",
+        "--merchant",
+        "M-7",
+        "--yes",
+        "--actor",
+        "bob",
+        "--reason",
+        "fraud",
+    )
     assert "v2    revoked   created by bob revoked by bob" in _run(
-        pg, tmp_path, "keys", "status", "M-7"
+        pg, tmp_path, "keys", "status", "--merchant", "M-7"
     )
     trail = [(r.actor, r.action, r.target, r.outcome) for r in records(conn)]
     assert trail == [
@@ -69,3 +85,15 @@ def test_pki_and_keys_commands_are_audited(
     assert verify(conn).ok
     assert "audit trail intact: 5 records" in _run(pg, tmp_path, "audit", "verify")
     assert "key.revoke merchant:M-7" in _run(pg, tmp_path, "audit", "tail", "-n", "1")
+
+
+def test_the_positional_merchant_of_keys_still_works_with_a_deprecation_warning(
+    conn: psycopg.Connection[Any], pg: PostgresSettings, tmp_path: Path
+) -> None:
+    out = _run(pg, tmp_path, "keys", "issue", "M-7", "--actor", "bob")
+    assert "merchant M-7: key version 1 active" in out
+    assert (
+        "posflow: warning: `posflow keys issue M-7` is deprecated; "
+        "use `posflow keys issue --merchant M-7`"
+    ) in out
+    assert "v1    active    created by bob" in _run(pg, tmp_path, "keys", "status", "M-7")

@@ -32,6 +32,7 @@ from aiokafka import AIOKafkaConsumer
 from paho.mqtt.enums import CallbackAPIVersion
 
 from alerts.rules import default_rules_text, parse_duration
+from posflow.harness import Pipeline
 from posflow.settings import KafkaSettings, PostgresSettings, Settings
 from posflow.stack import Stack, ensure_topics
 from simulator.accounting import Recorder, reconcile
@@ -39,7 +40,7 @@ from simulator.engine import Run
 from simulator.fleet import build_fleet
 from simulator.loadtest import read_back
 from simulator.register import register_fleet
-from simulator.runner import Pipeline, drive
+from simulator.runner import drive
 from simulator.scenarios import load_scenario
 from tests.conftest import ROOT, free_port, unique
 

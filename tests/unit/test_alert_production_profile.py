@@ -1,5 +1,6 @@
-"""`posflow alerts run`, `posflow ingest` and `posflow streams worker` refuse to start in
-the production profile while development defaults are set (before touching any service).
+"""`posflow alerts run`, `posflow ingest`, `posflow streams worker` (and every other service
+the main job runs) refuse to start in the production profile while development defaults
+are set (before touching any service).
 
 The PostgreSQL, Kafka and MQTT ports point at nothing: a command that did not refuse
 first would fail differently (or hang until the timeout) instead.
@@ -17,6 +18,14 @@ import pytest
 from tests.conftest import ROOT, free_port
 
 COMMANDS = [("alerts", "run"), ("ingest",), ("streams", "worker")]
+# The other services of the main job (tests/unit/test_production_profile_once.py checks
+# that this list covers them all).
+COMMANDS += [
+    ("streams", "sink"),
+    ("settlement", "worker"),
+    ("api",),
+    ("api", "webhooks", "deliver"),
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)

@@ -10,7 +10,7 @@ from posflow.cli import main
 @pytest.mark.parametrize(
     ("argv", "reason"),
     [
-        (["keys", "issue", "--merchant", "M-1"], "No such option: --merchant"),
+        (["keys", "issue", "--merchant", "M-1", "--dry-run"], "No such option: --dry-run"),
         (["no-such-command"], "No such command 'no-such-command'."),
         (["db", "migrate", "extra"], "Got unexpected extra argument(s) (extra)"),
     ],

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("posflow", "ingest", "streams", "alerts", "api", "dashboards", "simulator")
 SERVICES = frozenset({"ingest", "streams", "alerts", "api", "dashboards", "simulator"})
 COMPOSITION = frozenset(
-    {"posflow.cli", "posflow.console", "posflow.mainjob", "posflow.supervisor"}
+    {"posflow.cli", "posflow.console", "posflow.harness", "posflow.mainjob", "posflow.supervisor"}
     | {"simulator.loadtest"}
 )
 
