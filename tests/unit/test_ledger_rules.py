@@ -303,10 +303,10 @@ def test_refunds_and_captures_never_exceed_what_their_originals_allow(
     ledger = _Ledger(instant)
     for n, (kind, amount, percent, link, approved) in enumerate(ops):
         earlier = list(ledger.rows)
-        if kind in ("sale", "preauth"):  # the contract refuses an original for these
-            link = None
-        original = earlier[link % len(earlier)] if link is not None and earlier else None
-        if kind in ("capture", "void", "reversal") and original is None and link is not None:
+        # The contract refuses an original for a sale or a preauth.
+        linked = None if kind in ("sale", "preauth") else link
+        original = earlier[linked % len(earlier)] if linked is not None and earlier else None
+        if kind in ("capture", "void", "reversal") and original is None and linked is not None:
             original = "never-arrives"  # parked for good
         gross = 0 if kind in ("void", "reversal") else amount
         payment = pay(
