@@ -18,6 +18,7 @@ from psycopg.types.json import Jsonb
 from alerts.facts import Merchant
 from alerts.lifecycle import Alert, Changes, Silence
 from posflow.security.audit import Outcome, record
+from posflow.storage.offsets import load_offsets
 
 __all__ = ["AlertStore", "AuditEntry"]
 
@@ -83,12 +84,7 @@ class AlertStore:
             self._conn = None
 
     def load_offsets(self) -> dict[tuple[str, int], int]:
-        rows = self.conn.execute(
-            "SELECT topic, partition, next_offset FROM consumer_offsets WHERE consumer_group = %s",
-            [self.group],
-        ).fetchall()
-        self.conn.commit()
-        return {(str(t), int(p)): int(o) for t, p, o in rows}
+        return load_offsets(self.conn, self.group)
 
     def load_state(self) -> tuple[dict[str, dict[str, Any]], list[Alert], list[Silence]]:
         terminals = {

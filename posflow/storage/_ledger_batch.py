@@ -2,6 +2,9 @@
 
 Used by :class:`posflow.storage.ledger.LedgerWriter` inside its transaction; the
 semantics are in that module's docstring and in docs/architecture.md (Settlement).
+The rules themselves are pure (:mod:`posflow.storage.ledger_rules`); this module
+loads what they need, applies what they decide, and writes it back
+(:mod:`posflow.storage._ledger_tables`).
 """
 
 from __future__ import annotations
@@ -10,14 +13,31 @@ import json
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from posflow.contracts.money import IntegrityEvent, IntegrityKind, SettlementRule
+from posflow.storage._ledger_tables import (
+    Row,
+    insert_rows,
+    lock_balances,
+    select_parked_children,
+    select_rows,
+    store_balances,
+    update_rows,
+)
 from posflow.storage.cashflow import PendingEvent, append_cashflow_events, store_integrity_events
+from posflow.storage.ledger_rules import (
+    Arrival,
+    Balance,
+    Effect,
+    arrival,
+    decide,
+    needs_original,
+    post,
+)
 
 if TYPE_CHECKING:
     from posflow.storage._ledger_records import LedgerEntry, LedgerResult
@@ -31,56 +51,6 @@ Conn = psycopg.Connection[tuple[Any, ...]]
 # A merchant without a row in `merchants`: its money waits for the next midnight UTC.
 UNREGISTERED_RULE = SettlementRule(kind="daily", cutoff="00:00", timezone="UTC")
 
-_ROW_COLUMNS = (
-    "txn_id, merchant_id, txn_type, status, currency, gross_minor, fee_minor, net_minor,"
-    " original_txn_id, effect, flag_reason, consumed_minor, cancelled_by, occurred_at,"
-    " available_at, released, received_at"
-)
-
-
-@dataclass
-class _Row:
-    """A ledger row while a batch is decided (new, or loaded to be updated)."""
-
-    txn_id: str
-    merchant_id: str
-    txn_type: str
-    status: str
-    currency: str
-    gross: int
-    fee: int
-    net: int
-    original_txn_id: str | None
-    effect: str = ""  # decided by the batch: applied, no_money, parked or flagged
-    flag_reason: str | None = None
-    consumed: int = 0
-    cancelled_by: str | None = None
-    occurred_at: datetime = datetime(1970, 1, 1, tzinfo=UTC)
-    available_at: datetime | None = None
-    released: bool = True
-    received_at: datetime | None = None
-    entry: LedgerEntry | None = None  # set for rows new in this batch
-    dirty: bool = False
-
-    @classmethod
-    def load(cls, r: tuple[Any, ...]) -> _Row:
-        return cls(
-            str(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4]).strip(), int(r[5]), int(r[6]),
-            int(r[7]), r[8], str(r[9]), r[10], int(r[11]), r[12], r[13], r[14], bool(r[15]), r[16],
-        )  # fmt: skip
-
-    @classmethod
-    def new(cls, e: LedgerEntry) -> _Row:
-        gross, fee, net = e.gross_minor, e.fee_minor, e.net_minor
-        if e.txn_type == "refund":
-            gross, fee, net = -abs(gross), 0, -abs(gross)
-        elif e.txn_type in ("void", "reversal"):
-            gross = fee = net = 0  # the original's, once known
-        return cls(
-            e.txn_id, e.merchant_id, e.txn_type, e.status, e.currency, gross, fee, net,
-            e.original_txn_id, occurred_at=e.occurred_at, received_at=e.received_at, entry=e,
-        )  # fmt: skip
-
 
 class Batch:
     """The state of one write: rows, balances, events; flushed at the end."""
@@ -88,12 +58,11 @@ class Batch:
     def __init__(self, conn: Conn, result: LedgerResult) -> None:
         self.conn = conn
         self.result = result
-        self.rows: dict[str, _Row] = {}  # new and loaded rows by txn id
+        self.rows: dict[str, Row] = {}  # new and loaded rows by txn id
         self.missing: set[str] = set()  # ids known not to be in the ledger
-        self.waiting: dict[str, list[_Row]] = defaultdict(list)  # original id -> parked children
+        self.waiting: dict[str, list[Row]] = defaultdict(list)  # original id -> parked children
         self.children_loaded: set[str] = set()
-        # (merchant, currency) -> [pending, available, paid_out, captured, refunded]
-        self.balances: dict[tuple[str, str], list[int]] = {}
+        self.balances: dict[tuple[str, str], Balance] = {}  # by (merchant, currency)
         self.touched: set[tuple[str, str]] = set()
         self.rules: dict[str, tuple[SettlementRule, str]] = {}
         self.pending_events: list[PendingEvent] = []
@@ -105,12 +74,8 @@ class Batch:
         first: dict[str, LedgerEntry] = {}
         for entry in entries:
             seen = first.get(entry.txn_id)
-            if seen is None:
+            if self._is_new(entry, seen.fingerprint if seen else None):
                 first[entry.txn_id] = entry
-            elif seen.fingerprint == entry.fingerprint:
-                self.result.duplicates += 1
-            else:
-                self._quarantine(entry, seen.fingerprint)
         return list(first.values())
 
     def refuse_existing(self, entries: list[LedgerEntry]) -> list[LedgerEntry]:
@@ -125,15 +90,16 @@ class Batch:
                 [[e.txn_id for e in entries]],
             ).fetchall()
         )
-        new = []
-        for entry in entries:
-            if entry.txn_id not in stored:
-                new.append(entry)
-            elif stored[entry.txn_id] == entry.fingerprint:
-                self.result.duplicates += 1
-            else:
-                self._quarantine(entry, str(stored[entry.txn_id]))
-        return new
+        return [e for e in entries if self._is_new(e, stored.get(e.txn_id))]
+
+    def _is_new(self, entry: LedgerEntry, first_fingerprint: str | None) -> bool:
+        """Count a duplicate, quarantine a conflicting body; true for an id not seen yet."""
+        seen = arrival(first_fingerprint, entry.fingerprint)
+        if seen is Arrival.DUPLICATE:
+            self.result.duplicates += 1
+        elif seen is Arrival.CONFLICT:
+            self._quarantine(entry, str(first_fingerprint))
+        return seen is Arrival.NEW
 
     def _quarantine(self, entry: LedgerEntry, first: str) -> None:
         topic, partition, offset = entry.source or (None, None, None)
@@ -170,7 +136,7 @@ class Batch:
         if not entries:
             return
         for entry in entries:
-            self.rows[entry.txn_id] = _Row.new(entry)
+            self.rows[entry.txn_id] = Row.new(entry)
         self._load_rules({e.merchant_id for e in entries})
         wanted = {e.original_txn_id for e in entries if e.original_txn_id} - set(self.rows)
         self._load_rows(wanted)
@@ -182,121 +148,47 @@ class Batch:
             1 for r in self.rows.values() if r.effect == "parked" and (r.entry or r.dirty)
         )
 
-    def _decide(self, row: _Row) -> None:
-        t = row.txn_type
-        if row.status != "approved":
-            self._no_money(row)
-        elif t == "sale":
-            self._apply(row)
-        elif t == "preauth":
-            self._no_money(row)
-        elif t == "refund" and row.original_txn_id is None:
-            bal = self._balance(row.merchant_id, row.currency)
-            if bal[4] - row.gross <= bal[3]:
-                self._apply(row)
-            else:
-                self._flag(
-                    row, "refund_exceeds_captured",
-                    f"unlinked refund of {-row.gross} exceeds the merchant's captured minus "
-                    f"refunded {bal[3] - bal[4]} {row.currency}",
-                )  # fmt: skip
-        elif row.original_txn_id is not None:
-            orig = self._row(row.original_txn_id)
-            # "" = later in this batch, not decided yet: it has not arrived for this row
-            if orig is None or orig.effect in ("parked", ""):
-                row.effect = "parked"
-                self.waiting[row.original_txn_id].append(row)
-                return  # settled when its original is
-            self._child(row, orig)
-        else:  # the contract requires an original for these; refuse rather than guess
-            self._flag(row, "original_invalid", f"a {row.txn_type} needs original_txn_id")
+    def _decide(self, row: Row) -> None:
+        orig_id = row.original_txn_id
+        orig = self._row(orig_id) if orig_id is not None and needs_original(row) else None
+        # Locked already: new rows' balances by refuse_existing, a woken child's with the
+        # original it shares them with (or on the way to being flagged).
+        balance = self._balance(row.merchant_id, row.currency)
+        decision = decide(row, balance, orig)
+        if decision.effect is Effect.PARKED and orig_id is not None:
+            row.effect = Effect.PARKED.value
+            self.waiting[orig_id].append(row)
+            return  # settled when its original is
+        if orig is not None and decision.cancels:
+            orig.cancelled_by, orig.dirty = row.txn_id, True
+        if orig is not None and decision.consumes is not None:
+            orig.consumed, orig.dirty = orig.consumed + decision.consumes, True
+        if decision.amounts is not None:
+            row.gross, row.fee, row.net = decision.amounts
+        if decision.reason is not None:
+            self._flag(row, decision.reason, decision.message)
+        elif decision.effect is Effect.APPLIED:
+            self._apply(row, cancels=orig if decision.cancels else None)
+        else:
+            row.effect, row.dirty = Effect.NO_MONEY.value, True
         self._wake(row.txn_id)
 
-    def _child(self, row: _Row, orig: _Row) -> None:  # noqa: PLR0911 - one rule per return
-        t = row.txn_type
-        if orig.merchant_id != row.merchant_id or orig.currency != row.currency:
-            return self._flag(
-                row, "original_invalid",
-                f"original {orig.txn_id} belongs to {orig.merchant_id}/{orig.currency}",
-            )  # fmt: skip
-        if t in ("void", "reversal"):
-            if orig.txn_type in ("void", "reversal"):
-                return self._flag(row, "original_invalid", f"{orig.txn_id} is itself a {t}")
-            if orig.cancelled_by is not None:
-                return self._flag(
-                    row, "original_invalid", f"{orig.txn_id} already cancelled by "
-                    f"{orig.cancelled_by}",
-                )  # fmt: skip
-            if orig.consumed > 0:
-                return self._flag(
-                    row, "original_invalid",
-                    f"{orig.txn_id} has {orig.consumed} refunded/captured against it: "
-                    "cancel those first",
-                )  # fmt: skip
-            orig.cancelled_by, orig.dirty = row.txn_id, True
-            if orig.effect != "applied":
-                return self._no_money(row)  # nothing moved: nothing to give back
-            row.gross, row.fee, row.net = -orig.gross, -orig.fee, -orig.net
-            self._apply(row, cancels=orig)
-            return None
-        if t == "capture":
-            if orig.txn_type != "preauth":
-                return self._flag(row, "original_invalid", f"{orig.txn_id} is not a preauth")
-            authorised = orig.gross if orig.status == "approved" and not orig.cancelled_by else 0
-            if orig.consumed + row.gross > authorised:
-                return self._flag(
-                    row, "capture_exceeds_authorized",
-                    f"capture of {row.gross} + {orig.consumed} captured exceeds the "
-                    f"{authorised} authorised by {orig.txn_id}",
-                )  # fmt: skip
-            orig.consumed, orig.dirty = orig.consumed + row.gross, True
-            return self._apply(row)
-        # a linked refund
-        if orig.txn_type not in ("sale", "capture"):
-            return self._flag(row, "original_invalid", f"{orig.txn_id} is a {orig.txn_type}")
-        captured = orig.gross if orig.effect == "applied" and not orig.cancelled_by else 0
-        if orig.consumed - row.gross > captured:
-            return self._flag(
-                row, "refund_exceeds_captured",
-                f"refund of {-row.gross} + {orig.consumed} refunded exceeds the {captured} "
-                f"captured by {orig.txn_id}",
-            )  # fmt: skip
-        orig.consumed, orig.dirty = orig.consumed - row.gross, True
-        return self._apply(row)
-
-    def _apply(self, row: _Row, cancels: _Row | None = None) -> None:
-        row.effect, row.dirty = "applied", True
+    def _apply(self, row: Row, cancels: Row | None = None) -> None:
+        row.effect, row.dirty = Effect.APPLIED.value, True
         rule, zone = self.rules.get(row.merchant_id) or self._rule(row.merchant_id)
         row.available_at = rule.available_at(row.occurred_at, zone)
-        bal = self._balance(row.merchant_id, row.currency)
-        if rule.kind == "instant":
-            row.released = True
-            bal[1] += row.net
-        else:
-            row.released = False
-            bal[0] += row.net
-        t = row.txn_type
-        if t in ("sale", "capture"):
-            bal[3] += row.gross
-        elif t == "refund":
-            bal[4] -= row.gross
-        elif cancels is not None:  # void / reversal
-            if cancels.txn_type == "refund":
-                bal[4] += cancels.gross
-            elif cancels.txn_type in ("sale", "capture"):
-                bal[3] -= cancels.gross
-            parent = self._row(cancels.original_txn_id) if cancels.original_txn_id else None
-            if parent is not None:  # the cancelled refund/capture no longer counts
+        row.released = rule.kind == "instant"
+        key = (row.merchant_id, row.currency)
+        self.balances[key] = post(self._balance(*key), row, instant=row.released, cancelled=cancels)
+        if cancels is not None and cancels.original_txn_id:
+            # The cancelled refund/capture no longer counts against its own original.
+            parent = self._row(cancels.original_txn_id)
+            if parent is not None:
                 parent.consumed, parent.dirty = parent.consumed - abs(cancels.gross), True
         self._event(row, row.txn_type, row.net)
 
-    def _no_money(self, row: _Row) -> None:
-        row.effect, row.dirty = "no_money", True
-        if row.txn_type not in ("void", "reversal"):
-            row.fee, row.net = 0, 0
-
-    def _flag(self, row: _Row, kind: IntegrityKind, message: str) -> None:
-        row.effect, row.flag_reason, row.dirty = "flagged", kind, True
+    def _flag(self, row: Row, kind: IntegrityKind, message: str) -> None:
+        row.effect, row.flag_reason, row.dirty = Effect.FLAGGED.value, kind, True
         self.result.flagged.append(row.txn_id)
         self._event(row, "flagged", 0)
         source = row.entry.source if row.entry and row.entry.source else (None, None, None)
@@ -312,13 +204,13 @@ class Batch:
             )
         )  # fmt: skip
 
-    def _event(self, row: _Row, kind: str, amount: int) -> None:
-        bal = self._balance(row.merchant_id, row.currency)
+    def _event(self, row: Row, kind: str, amount: int) -> None:
+        balance = self._balance(row.merchant_id, row.currency)
         self.touched.add((row.merchant_id, row.currency))
         self.pending_events.append(
             PendingEvent(
                 row.merchant_id, row.txn_id, kind, row.currency, amount,
-                (bal[0], bal[1], bal[2]), row.occurred_at, row.received_at,
+                balance.cashflow(), row.occurred_at, row.received_at,
             )
         )  # fmt: skip
 
@@ -331,7 +223,7 @@ class Batch:
 
     # --- loading ---------------------------------------------------------------------------
 
-    def _row(self, txn_id: str) -> _Row | None:
+    def _row(self, txn_id: str) -> Row | None:
         if txn_id not in self.rows and txn_id not in self.missing:
             self._load_rows({txn_id})
         return self.rows.get(txn_id)
@@ -339,11 +231,8 @@ class Batch:
     def _load_rows(self, ids: set[str]) -> None:
         if not ids:
             return
-        for r in self.conn.execute(
-            f"SELECT {_ROW_COLUMNS} FROM ledger_entries WHERE txn_id = ANY(%s) FOR UPDATE",  # noqa: S608
-            [sorted(ids)],
-        ).fetchall():
-            self.rows[str(r[0])] = _Row.load(r)
+        for row in select_rows(self.conn, ids):
+            self.rows[row.txn_id] = row
         self.missing |= ids - set(self.rows)
 
     def _load_children(self, ids: list[str]) -> None:
@@ -351,16 +240,13 @@ class Batch:
         if not ids:
             return
         self.children_loaded.update(ids)
-        found: dict[str, list[_Row]] = defaultdict(list)
-        for r in self.conn.execute(
-            f"SELECT {_ROW_COLUMNS} FROM ledger_entries"  # noqa: S608
-            " WHERE effect = 'parked' AND original_txn_id = ANY(%s) ORDER BY entry_id FOR UPDATE",
-            [ids],
-        ).fetchall():
-            row = self.rows.setdefault(str(r[0]), _Row.load(r))  # maybe loaded as an original
-            queued = {w.txn_id for w in self.waiting.get(str(r[8]), [])}
-            if row.entry is None and row.effect == "parked" and row.txn_id not in queued:
-                found[str(r[8])].append(row)
+        found: dict[str, list[Row]] = defaultdict(list)
+        for loaded in select_parked_children(self.conn, ids):
+            original = str(loaded.original_txn_id)
+            row = self.rows.setdefault(loaded.txn_id, loaded)  # maybe loaded as an original
+            queued = {w.txn_id for w in self.waiting.get(original, [])}
+            if row.entry is None and row.effect == Effect.PARKED and row.txn_id not in queued:
+                found[original].append(row)
         # Children parked in earlier batches arrived before those parked in this one.
         for txn_id, rows in found.items():
             self.waiting[txn_id] = rows + self.waiting.get(txn_id, [])
@@ -392,31 +278,10 @@ class Batch:
 
     def _lock_balances(self, keys: set[tuple[str, str]]) -> None:
         keys = {k for k in keys if k not in self.balances}
-        if not keys:
-            return
-        ordered = sorted(keys)
-        self.conn.execute(
-            """
-            INSERT INTO merchant_balances (merchant_id, currency)
-            SELECT * FROM unnest(%s::text[], %s::text[]) ON CONFLICT DO NOTHING
-            """,
-            [[m for m, _ in ordered], [c for _, c in ordered]],
-        )
-        # Row locks in a fixed order: concurrent writers never deadlock on balances.
-        for m, c, p, a, o, cap, ref in self.conn.execute(
-            """
-            SELECT merchant_id, currency, pending_minor, available_minor, paid_out_minor,
-                   captured_minor, refunded_minor
-              FROM merchant_balances
-             WHERE (merchant_id, currency) IN (SELECT * FROM unnest(%s::text[], %s::text[]))
-             ORDER BY merchant_id, currency
-               FOR UPDATE
-            """,
-            [[m for m, _ in ordered], [c for _, c in ordered]],
-        ).fetchall():
-            self.balances[(str(m), str(c).strip())] = [int(p), int(a), int(o), int(cap), int(ref)]
+        if keys:
+            self.balances.update(lock_balances(self.conn, keys, create=True))
 
-    def _balance(self, merchant: str, currency: str) -> list[int]:
+    def _balance(self, merchant: str, currency: str) -> Balance:
         if (merchant, currency) not in self.balances:
             self._lock_balances({(merchant, currency)})
         return self.balances[(merchant, currency)]
@@ -427,86 +292,9 @@ class Batch:
         new = [r for r in self.rows.values() if r.entry is not None]
         old = [r for r in self.rows.values() if r.entry is None and r.dirty]
         if new:
-            self._insert(new)
+            insert_rows(self.conn, new)
         if old:
-            self._update(old)
-        if self.touched:
-            keys = sorted(self.touched)
-            self.conn.execute(
-                """
-                UPDATE merchant_balances b SET pending_minor = u.p, available_minor = u.a,
-                       captured_minor = u.cap, refunded_minor = u.ref, updated_at = now()
-                  FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[],
-                              %s::bigint[]) AS u(merchant_id, currency, p, a, cap, ref)
-                 WHERE b.merchant_id = u.merchant_id AND b.currency = u.currency
-                """,
-                [
-                    [m for m, _ in keys], [c for _, c in keys],
-                    [self.balances[k][0] for k in keys], [self.balances[k][1] for k in keys],
-                    [self.balances[k][3] for k in keys], [self.balances[k][4] for k in keys],
-                ],
-            )  # fmt: skip
+            update_rows(self.conn, old)
+        store_balances(self.conn, {k: self.balances[k] for k in self.touched})
         self.result.events = append_cashflow_events(self.conn, self.pending_events)
         self.result.integrity = store_integrity_events(self.conn, self.integrity)
-
-    def _insert(self, rows: list[_Row]) -> None:
-        entries = [r.entry for r in rows if r.entry is not None]
-        self.conn.execute(
-            """
-            INSERT INTO ledger_entries (txn_id, merchant_id, terminal_id, txn_type, currency,
-                gross_minor, fee_minor, net_minor, body_sha256, occurred_at,
-                source_topic, source_partition, source_offset, status, original_txn_id,
-                effect, flag_reason, consumed_minor, cancelled_by, available_at, released,
-                received_at)
-            SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
-                %s::bigint[], %s::bigint[], %s::bigint[], %s::text[], %s::timestamptz[],
-                %s::text[], %s::int[], %s::bigint[], %s::text[], %s::text[],
-                %s::text[], %s::text[], %s::bigint[], %s::text[], %s::timestamptz[], %s::bool[],
-                %s::timestamptz[])
-            """,
-            [
-                [r.txn_id for r in rows],
-                [r.merchant_id for r in rows],
-                [e.terminal_id for e in entries],
-                [r.txn_type for r in rows],
-                [r.currency for r in rows],
-                [r.gross for r in rows],
-                [r.fee for r in rows],
-                [r.net for r in rows],
-                [e.fingerprint for e in entries],
-                [r.occurred_at for r in rows],
-                [e.source[0] if e.source else None for e in entries],
-                [e.source[1] if e.source else None for e in entries],
-                [e.source[2] if e.source else None for e in entries],
-                [r.status for r in rows],
-                [r.original_txn_id for r in rows],
-                [r.effect for r in rows],
-                [r.flag_reason for r in rows],
-                [r.consumed for r in rows],
-                [r.cancelled_by for r in rows],
-                [r.available_at for r in rows],
-                [r.released for r in rows],
-                [r.received_at for r in rows],
-            ],
-        )
-
-    def _update(self, rows: list[_Row]) -> None:
-        self.conn.execute(
-            """
-            UPDATE ledger_entries l SET gross_minor = u.gross, fee_minor = u.fee,
-                   net_minor = u.net, effect = u.effect, flag_reason = u.flag_reason,
-                   consumed_minor = u.consumed, cancelled_by = u.cancelled_by,
-                   available_at = u.available_at, released = u.released
-              FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::text[],
-                          %s::text[], %s::bigint[], %s::text[], %s::timestamptz[], %s::bool[])
-                   AS u(txn_id, gross, fee, net, effect, flag_reason, consumed, cancelled_by,
-                        available_at, released)
-             WHERE l.txn_id = u.txn_id
-            """,
-            [
-                [r.txn_id for r in rows], [r.gross for r in rows], [r.fee for r in rows],
-                [r.net for r in rows], [r.effect for r in rows], [r.flag_reason for r in rows],
-                [r.consumed for r in rows], [r.cancelled_by for r in rows],
-                [r.available_at for r in rows], [r.released for r in rows],
-            ],
-        )  # fmt: skip

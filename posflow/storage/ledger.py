@@ -39,6 +39,7 @@ import psycopg
 from posflow.storage._ledger_batch import UNREGISTERED_RULE, Batch
 from posflow.storage._ledger_records import LedgerEntry, LedgerResult, body_sha256
 from posflow.storage.cashflow import CashflowEvent, append_cashflow_events
+from posflow.storage.offsets import load_offsets, store_offsets
 
 __all__ = [
     "UNREGISTERED_RULE",
@@ -62,12 +63,7 @@ class LedgerWriter:
 
     def load_offsets(self) -> dict[tuple[str, int], int]:
         """(topic, partition) -> the next offset to consume, as committed with the data."""
-        rows = self.conn.execute(
-            "SELECT topic, partition, next_offset FROM consumer_offsets WHERE consumer_group = %s",
-            [self.group],
-        ).fetchall()
-        self.conn.commit()
-        return {(str(t), int(p)): int(o) for t, p, o in rows}
+        return load_offsets(self.conn, self.group)
 
     def write(
         self, entries: Sequence[LedgerEntry], offsets: Mapping[tuple[str, int], int]
@@ -81,24 +77,5 @@ class LedgerWriter:
             new = batch.refuse_existing(fresh)
             batch.settle(new)
             batch.flush()
-            self._store_offsets(offsets)
+            store_offsets(self.conn, self.group, offsets)
         return result
-
-    def _store_offsets(self, offsets: Mapping[tuple[str, int], int]) -> None:
-        if not offsets:
-            return
-        items = sorted(offsets.items())
-        self.conn.execute(
-            """
-            INSERT INTO consumer_offsets AS o (consumer_group, topic, partition, next_offset)
-            SELECT %s, * FROM unnest(%s::text[], %s::int[], %s::bigint[])
-            ON CONFLICT (consumer_group, topic, partition)
-            DO UPDATE SET next_offset = excluded.next_offset, updated_at = now()
-            """,
-            [
-                self.group,
-                [t for (t, _), _ in items],
-                [p for (_, p), _ in items],
-                [o for _, o in items],
-            ],
-        )

@@ -9,7 +9,7 @@ deadlocks with the ledger writer, and appends cash-flow events through
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +19,7 @@ import psycopg
 from posflow.contracts import ISO_4217_CODES
 from posflow.contracts.money import IntegrityEvent
 from posflow.errors import PosflowError
+from posflow.storage._ledger_tables import lock_balances, store_balances
 from posflow.storage.cashflow import CashflowEvent, append_cashflow_events, pending_event
 
 __all__ = [
@@ -32,21 +33,6 @@ __all__ = [
 ]
 
 Conn = psycopg.Connection[tuple[Any, ...]]
-
-
-def _lock(conn: Conn, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], list[int]]:
-    ordered = sorted(set(keys))
-    rows = conn.execute(
-        """
-        SELECT merchant_id, currency, pending_minor, available_minor, paid_out_minor
-          FROM merchant_balances
-         WHERE (merchant_id, currency) IN (SELECT * FROM unnest(%s::text[], %s::text[]))
-         ORDER BY merchant_id, currency
-           FOR UPDATE
-        """,
-        [[m for m, _ in ordered], [c for _, c in ordered]],
-    ).fetchall()
-    return {(str(m), str(c).strip()): [int(p), int(a), int(o)] for m, c, p, a, o in rows}
 
 
 def release_due(conn: Conn, now: datetime | None = None) -> list[CashflowEvent]:
@@ -66,7 +52,7 @@ def release_due(conn: Conn, now: datetime | None = None) -> list[CashflowEvent]:
         ]
         if not keys:
             return []
-        balances = _lock(conn, keys)
+        balances = lock_balances(conn, keys)
         moved: dict[tuple[str, str], int] = defaultdict(int)
         for m, c, net in conn.execute(
             """
@@ -80,28 +66,14 @@ def release_due(conn: Conn, now: datetime | None = None) -> list[CashflowEvent]:
             moved[(str(m), str(c).strip())] += int(net)
         pending = []
         for key in sorted(moved):
-            bal = balances[key]
-            bal[0] -= moved[key]
-            bal[1] += moved[key]
+            balances[key] = balances[key].release(moved[key])
             pending.append(
                 pending_event(
                     merchant_id=key[0], kind="release", currency=key[1], amount=moved[key],
-                    balance=bal, occurred_at=now,
+                    balance=balances[key].cashflow(), occurred_at=now,
                 )
             )  # fmt: skip
-        conn.execute(
-            """
-            UPDATE merchant_balances b SET pending_minor = u.p, available_minor = u.a,
-                   updated_at = now()
-              FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[])
-                   AS u(merchant_id, currency, p, a)
-             WHERE b.merchant_id = u.merchant_id AND b.currency = u.currency
-            """,
-            [
-                [k[0] for k in moved], [k[1] for k in moved],
-                [balances[k][0] for k in moved], [balances[k][1] for k in moved],
-            ],
-        )  # fmt: skip
+        store_balances(conn, {key: balances[key] for key in moved})
         return append_cashflow_events(conn, pending)
 
 
@@ -128,7 +100,7 @@ def payout(
     if not 1 <= len(key) <= 128:
         raise PosflowError("payout idempotency key must be 1-128 characters")
     with conn.transaction():
-        balances = _lock(conn, [(merchant_id, currency)])
+        balances = lock_balances(conn, [(merchant_id, currency)])
         done = conn.execute(
             "SELECT currency, amount_minor, seq FROM payouts"
             " WHERE merchant_id = %s AND idempotency_key = %s",
@@ -144,9 +116,9 @@ def payout(
                 )
             return PayoutResult(
                 merchant_id, currency, amount_minor, int(done[2]), True,
-                bal[1] if bal else 0, bal[2] if bal else 0,
+                bal.available if bal else 0, bal.paid_out if bal else 0,
             )  # fmt: skip
-        available = bal[1] if bal else 0
+        available = bal.available if bal else 0
         if bal is None or available < amount_minor:
             raise PosflowError(
                 f"payout of {amount_minor} {currency} refused: merchant {merchant_id} has "
@@ -154,19 +126,14 @@ def payout(
                 fix="pay out at most the available balance (`posflow settlement release` "
                 "moves pending money whose cut-off passed)",
             )
-        bal[1] -= amount_minor
-        bal[2] += amount_minor
-        conn.execute(
-            "UPDATE merchant_balances SET available_minor = %s, paid_out_minor = %s,"
-            " updated_at = now() WHERE merchant_id = %s AND currency = %s",
-            [bal[1], bal[2], merchant_id, currency],
-        )
+        bal = bal.pay_out(amount_minor)
+        store_balances(conn, {(merchant_id, currency): bal})
         (event,) = append_cashflow_events(
             conn,
             [
                 pending_event(
                     merchant_id=merchant_id, kind="payout", currency=currency,
-                    amount=amount_minor, balance=bal, occurred_at=datetime.now(UTC),
+                    amount=amount_minor, balance=bal.cashflow(), occurred_at=datetime.now(UTC),
                 )
             ],
         )  # fmt: skip
@@ -175,7 +142,9 @@ def payout(
             " VALUES (%s, %s, %s, %s, %s)",
             [merchant_id, key, currency, amount_minor, event.seq],
         )
-        return PayoutResult(merchant_id, currency, amount_minor, event.seq, False, bal[1], bal[2])
+        return PayoutResult(
+            merchant_id, currency, amount_minor, event.seq, False, bal.available, bal.paid_out
+        )
 
 
 _EVENT_COLUMNS = (
