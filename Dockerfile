@@ -15,6 +15,8 @@ WORKDIR /app
 # see .dockerignore). pyproject.toml names README.md as the package's readme.
 COPY pyproject.toml README.md ./
 COPY posflow/ posflow/
+COPY cli/ cli/
+COPY api/ api/
 COPY ingest/ ingest/
 COPY streams/ streams/
 COPY alerts/ alerts/

@@ -170,7 +170,7 @@ async def bench_e2e(faults: int) -> None:
         with (logs / f"{name}.log").open("ab") as log:
             procs.append(
                 subprocess.Popen(  # noqa: ASYNC220 - started once, before the measurement
-                    [sys.executable, "-m", "posflow.cli", *args],
+                    [sys.executable, "-m", "cli", *args],
                     env=env,
                     cwd=ROOT,
                     stdout=log,

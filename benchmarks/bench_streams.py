@@ -91,7 +91,7 @@ def _events(port: int) -> float:
 
 def _worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "posflow.cli", "streams", "worker"],
+        [sys.executable, "-m", "cli", "streams", "worker"],
         env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
 
@@ -209,7 +209,7 @@ def main() -> None:
         procs.append(_worker(env2))
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "posflow.cli", "ingest"], env=env2, cwd=ROOT,
+                [sys.executable, "-m", "cli", "ingest"], env=env2, cwd=ROOT,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
         )  # fmt: skip

@@ -115,7 +115,7 @@ async def main(args: argparse.Namespace) -> int:
     log = Path(tempfile.mkdtemp(prefix="webhook-outage-")) / "engine.log"
     with log.open("wb") as out:
         engine = subprocess.Popen(  # noqa: ASYNC220 - started once, before the loop matters
-            [sys.executable, "-m", "posflow.cli", "alerts", "run"],
+            [sys.executable, "-m", "cli", "alerts", "run"],
             env=env,
             cwd=ROOT,
             stdout=out,

@@ -1,8 +1,8 @@
 """What every ``posflow`` subcommand shares: its settings, a database connection, a console.
 
 The core's part of the command line: the service packages' commands (``alerts.cli``,
-``api.cli``, ...) import it, and ``posflow.cli`` on top puts the commands together.
-Errors are :class:`~posflow.errors.PosflowError`, one line for ``posflow.cli.main``.
+``api.cli``, ...) import it, and ``cli.main`` on top puts the commands together.
+Errors are :class:`~posflow.errors.PosflowError`, one line for ``cli.main.main``.
 
 The production profile is checked here and nowhere else: a command that runs a service
 or handles its secrets takes its settings from :func:`service_settings`, which refuses

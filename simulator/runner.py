@@ -1,7 +1,7 @@
 """Driving a run in real (or sped-up) time over MQTT.
 
 The pipeline processes a run feeds (`posflow ingest`, `streams worker`, ...) are started
-by the composition layer's harness, :class:`posflow.harness.Pipeline`.
+by the composition layer's harness, :class:`cli.harness.Pipeline`.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from posflow.harness import Pipeline
+from cli.harness import Pipeline
 from posflow.settings import KafkaSettings, PostgresSettings, Settings
 from posflow.stack import Stack, ensure_topics
 from simulator.fleet import build_fleet

@@ -370,7 +370,7 @@ class Pipeline:
         for name, (argv, _path) in _SERVICES.items():
             with (self.logs / f"{name}.log").open("ab") as log:
                 self.procs[name] = subprocess.Popen(
-                    [sys.executable, "-m", "posflow.cli", *argv],
+                    [sys.executable, "-m", "cli", *argv],
                     env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                 )  # fmt: skip
         for name, (_argv, path) in _SERVICES.items():

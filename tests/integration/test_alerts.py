@@ -167,7 +167,7 @@ class Pipeline:
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         with (self.tmp / f"{name}.log").open("ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "posflow.cli", *args],
+                [sys.executable, "-m", "cli", *args],
                 env=self.env, cwd=ROOT, stdout=log, stderr=log,
             )  # fmt: skip
         self.procs[name] = proc
@@ -512,7 +512,7 @@ async def test_a_bad_rules_file_is_refused_and_the_engine_keeps_the_last_good_ru
     with psycopg.connect(pipeline.settings.postgres.dsn(), autocommit=True) as conn:
         issued = issue_key(conn, None, "alice", role=Role.SUPPORT_AGENT)
     out = subprocess.run(
-        [sys.executable, "-m", "posflow.cli", "alerts", "ack", alert_id],
+        [sys.executable, "-m", "cli", "alerts", "ack", alert_id],
         env={**pipeline.env, "POSFLOW_STAFF_KEY": issued.token}, cwd=ROOT,
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip

@@ -104,7 +104,7 @@ class Engine:
         if role is not None:
             env["POSFLOW_STAFF_KEY"] = self.keys[role]
         return subprocess.run(
-            [sys.executable, "-m", "posflow.cli", *args],
+            [sys.executable, "-m", "cli", *args],
             env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
 
@@ -160,7 +160,7 @@ def engine(
     log = tmp / "engine.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "posflow.cli", "alerts", "run"],
+            [sys.executable, "-m", "cli", "alerts", "run"],
             env=env, cwd=ROOT, stdout=out, stderr=out,
         )  # fmt: skip
     eng = Engine(f"http://127.0.0.1:{port}", pg.dsn(), env, rules, prefix, log)
@@ -370,7 +370,7 @@ def test_cli_ack_and_silence_are_authorised_and_audited_like_http(
         assert ack_audit == sil_audit == []
         bad = {**engine.env, "POSFLOW_STAFF_KEY": "pf_0123456789abcdef_" + "A" * 43}
         out = subprocess.run(
-            [sys.executable, "-m", "posflow.cli", "alerts", "ack", alert_id],
+            [sys.executable, "-m", "cli", "alerts", "ack", alert_id],
             env=bad, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert out.returncode == 1
@@ -513,7 +513,7 @@ def test_the_audit_chain_verifies_after_all_of_it(engine: Engine) -> None:
     actions = {r[0] for r in engine.rows("SELECT DISTINCT action FROM audit_log")}
     assert {"alert.acknowledge", "silence.manage", "rule.change", "alert.read"} <= actions
     out = subprocess.run(
-        [sys.executable, "-m", "posflow.cli", "audit", "verify"],
+        [sys.executable, "-m", "cli", "audit", "verify"],
         env=engine.env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr

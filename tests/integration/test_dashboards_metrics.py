@@ -182,7 +182,7 @@ def run(
     for name, (command, _) in _SERVICES.items():
         with (logs / f"{name}.log").open("wb") as out:
             procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "posflow.cli", *command],
+                [sys.executable, "-m", "cli", *command],
                 env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
     result = Run(prefix, groups, ports, logs)

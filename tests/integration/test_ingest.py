@@ -319,7 +319,7 @@ async def test_bridge_killed_with_sigkill_loses_no_qos1_message(
 
     def start() -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "posflow.cli", "ingest"],
+            [sys.executable, "-m", "cli", "ingest"],
             env=env,
             cwd=ROOT,
             stderr=subprocess.DEVNULL,

@@ -43,7 +43,7 @@ def test_a_small_load_run_accounts_for_every_message_to_kafka_and_the_database(
     scenario = tmp_path / "lt.yaml"
     scenario.write_text(SCENARIO)
     argv = [
-        sys.executable, "-m", "posflow.cli", "loadtest", "-n", "30", "-d", "20",
+        sys.executable, "-m", "cli", "loadtest", "-n", "30", "-d", "20",
         "--ramp", "30", "--telemetry-s", "5", "--txn-scale", "20", "--max-real", "20",
         "--gateways", "1", "--scenario", str(scenario), "--out-dir", str(tmp_path),
         "--name", "small",

@@ -62,7 +62,7 @@ def test_the_main_job_runs_every_stage_restarts_a_killed_service_and_loses_nothi
     started = datetime.now(UTC)
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "posflow.cli", "demo", "--duration", str(DURATION_S),
+            sys.executable, "-m", "cli", "demo", "--duration", str(DURATION_S),
             "--terminals", str(TERMINALS), "--fleet", run, "--log-dir", str(log_dir),
             "--summary-json", str(summary_file),
             # Payments whatever the hour of the run (the featured merchant must get some).

@@ -62,7 +62,7 @@ class Env:
             "POSFLOW_RAWSINK__MAINTAIN_INTERVAL_S": "1",
             "POSFLOW_SERVICES__RAWSINK": str(self.port),
         }
-        cmd = [sys.executable, "-m", "posflow.cli", "streams", "sink"]
+        cmd = [sys.executable, "-m", "cli", "streams", "sink"]
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from cli.loadtest import read_back
 from posflow.errors import PosflowError
 from posflow.security.pki import Pki
 from posflow.security.tls import service_mqtt_endpoint
@@ -38,7 +39,6 @@ from posflow.stack._process import port_answers
 from simulator.accounting import Recorder, reconcile
 from simulator.engine import Run
 from simulator.fleet import build_fleet
-from simulator.loadtest import read_back
 from simulator.register import register_fleet
 from simulator.runner import drive
 from simulator.scenarios import Fault, Scenario, Target
@@ -120,7 +120,7 @@ async def test_ingest_and_terminals_work_on_certificates_alone(
     log = tmp_path / "ingest.log"
     with log.open("wb") as out:
         bridge = subprocess.Popen(
-            [sys.executable, "-m", "posflow.cli", "ingest"], env=_env(s, port), cwd=ROOT,
+            [sys.executable, "-m", "cli", "ingest"], env=_env(s, port), cwd=ROOT,
             stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:

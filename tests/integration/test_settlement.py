@@ -210,7 +210,7 @@ def test_a_reused_id_with_another_body_stores_one_integrity_event(db: Conn) -> N
 def _cli(pg: PostgresSettings, *args: str, staff_key: str = "") -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "POSFLOW_POSTGRES__DATABASE": pg.database, "POSFLOW_STAFF_KEY": staff_key}
     return subprocess.run(
-        [sys.executable, "-m", "posflow.cli", *args],
+        [sys.executable, "-m", "cli", *args],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
 

@@ -1,7 +1,7 @@
 """Money-moving commands need the finance role and are audited (real PostgreSQL, the CLI).
 
 Every role against payout, set-plan, release and set-payout-account through
-``posflow.cli.main``; refusals recorded (they commit on their own), changes recorded
+``cli.main.main``; refusals recorded (they commit on their own), changes recorded
 in the same transaction as the money, and ``posflow audit verify`` intact afterwards.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from posflow.cli import main
+from cli.main import main
 from posflow.contracts.money import FeePlan
 from posflow.security.apikeys import issue_key, revoke_key
 from posflow.security.audit import records, verify

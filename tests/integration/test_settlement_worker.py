@@ -53,7 +53,7 @@ class Env:
             "POSFLOW_SETTLEMENT__RELEASE_INTERVAL_S": "0.3",
             "POSFLOW_SERVICES__SETTLEMENT": str(self.port),
         }
-        cmd = [sys.executable, "-m", "posflow.cli", "settlement", "worker", *extra]
+        cmd = [sys.executable, "-m", "cli", "settlement", "worker", *extra]
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
 
 

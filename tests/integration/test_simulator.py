@@ -32,13 +32,13 @@ from aiokafka import AIOKafkaConsumer
 from paho.mqtt.enums import CallbackAPIVersion
 
 from alerts.rules import default_rules_text, parse_duration
-from posflow.harness import Pipeline
+from cli.harness import Pipeline
+from cli.loadtest import read_back
 from posflow.settings import KafkaSettings, PostgresSettings, Settings
 from posflow.stack import Stack, ensure_topics
 from simulator.accounting import Recorder, reconcile
 from simulator.engine import Run
 from simulator.fleet import build_fleet
-from simulator.loadtest import read_back
 from simulator.register import register_fleet
 from simulator.runner import drive
 from simulator.scenarios import load_scenario
@@ -288,7 +288,7 @@ async def test_simulate_serves_metrics_and_stops_cleanly_on_sigterm_without_will
             "--scenario", "health", "--max-real", str(REAL), "--gateways", "1"]  # fmt: skip
     with (tmp_path / "simulate.log").open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "posflow.cli", *argv], env=env, cwd=ROOT,
+            [sys.executable, "-m", "cli", *argv], env=env, cwd=ROOT,
             stdout=subprocess.PIPE, stderr=log,
         )  # fmt: skip
     try:

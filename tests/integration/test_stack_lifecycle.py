@@ -64,7 +64,7 @@ def _other_settings(directory: Path, **stack: object) -> Settings:
 
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "posflow.cli", *args],
+        [sys.executable, "-m", "cli", *args],
         capture_output=True,
         text=True,
         env={**os.environ, **OTHER_PORTS, **env},

@@ -120,7 +120,7 @@ def test_an_edited_migration_is_refused_with_the_fix(db: Conn) -> None:
 
 def test_cli_migrate_reports_the_storage_path(pg: PostgresSettings) -> None:
     env = {**os.environ, "POSFLOW_POSTGRES__DATABASE": pg.database}
-    run = [sys.executable, "-m", "posflow.cli", "db", "migrate"]
+    run = [sys.executable, "-m", "cli", "db", "migrate"]
     first = subprocess.run(run, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
     again = subprocess.run(run, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
     assert first.returncode == 0, first.stderr

@@ -53,7 +53,7 @@ class Health:
 
     def start_worker(self) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "posflow.cli", "streams", "worker"],
+            [sys.executable, "-m", "cli", "streams", "worker"],
             env=self.env,
             cwd=ROOT,
             stdout=subprocess.DEVNULL,

@@ -42,7 +42,7 @@ def test_service_refuses_dev_defaults_in_the_production_profile(
         "POSFLOW_MOSQUITTO__PORT": nowhere,
     }
     out = subprocess.run(
-        [sys.executable, "-m", "posflow.cli", *command],
+        [sys.executable, "-m", "cli", *command],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert out.returncode == 1, out.stderr
@@ -67,7 +67,7 @@ def test_the_dev_profile_is_not_refused(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("POSFLOW_")}
     env |= {"POSFLOW_STACK__DIR": str(tmp_path), "POSFLOW_POSTGRES__PORT": str(free_port())}
     out = subprocess.run(
-        [sys.executable, "-m", "posflow.cli", "streams", "worker"],
+        [sys.executable, "-m", "cli", "streams", "worker"],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert out.returncode != 0

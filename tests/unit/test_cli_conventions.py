@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import typer
 
-from posflow.cli import app, main
+from cli.main import app, main
 
 
 def _commands(command: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, Any]]:

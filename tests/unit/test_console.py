@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from rich.console import Console
 
-from posflow.console import Snapshot, Stage, Watcher, counter_totals, render
+from cli.console import Snapshot, Stage, Watcher, counter_totals, render
 
 
 def _exposition() -> str:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from posflow.harness import RowCount, answers_ready, posflow_command
+from cli.harness import RowCount, answers_ready, posflow_command
 from tests.conftest import free_port
 
 
 def test_a_service_runs_as_the_posflow_command_of_this_interpreter() -> None:
     assert posflow_command("streams", "sink") == [
-        sys.executable, "-m", "posflow.cli", "streams", "sink",
+        sys.executable, "-m", "cli", "streams", "sink",
     ]  # fmt: skip
 
 

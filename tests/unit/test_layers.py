@@ -3,11 +3,11 @@
 Layers, bottom to top:
 
 * **core**: the ``posflow`` package (settings, contracts, topics, storage, security,
-  errors, http, logs, stack, ...) minus its composition modules;
+  errors, http, runtime, logs, stack, ...);
 * **services**: ingest, streams, alerts, api, dashboards, simulator; each imports
   the core and itself, never another service;
-* **composition**: the command line, the main job, its supervisor and console, and
-  the load test; they may import anything below them.
+* **composition**: the ``cli`` package: the command line, the main job, its supervisor
+  and console, and the load test with its harness; they may import anything below them.
 
 Every import counts: inside functions (the CLI imports lazily), under
 ``TYPE_CHECKING`` and in ``try`` blocks. The check reads the source (``ast``) and
@@ -22,12 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("posflow", "ingest", "streams", "alerts", "api", "dashboards", "simulator")
+PACKAGES = ("posflow", "ingest", "streams", "alerts", "api", "dashboards", "simulator", "cli")
 SERVICES = frozenset({"ingest", "streams", "alerts", "api", "dashboards", "simulator"})
-COMPOSITION = frozenset(
-    {"posflow.cli", "posflow.console", "posflow.harness", "posflow.mainjob", "posflow.supervisor"}
-    | {"simulator.loadtest"}
-)
+COMPOSITION = frozenset({"cli"})
 
 
 @dataclass(frozen=True, order=True)
@@ -197,8 +194,8 @@ def _tree_imports() -> list[Edge]:
 
 def test_the_scan_sees_the_trees_imports_including_lazy_and_type_only_ones() -> None:
     edges = {(e.source, e.target) for e in _tree_imports()}
-    assert ("posflow.cli", "posflow.cli_support") in edges  # top level
-    assert ("posflow.cli", "streams.app") in edges  # inside a command function
+    assert ("cli.main", "posflow.cli_support") in edges  # top level
+    assert ("cli.main", "streams.app") in edges  # inside a command function
     assert ("simulator.cli", "simulator.fleet") in edges  # under TYPE_CHECKING
     assert len(modules(ROOT)) > 100
 
@@ -254,15 +251,16 @@ def test_the_core_importing_a_service_or_the_cli_is_a_violation(tmp_path: Path) 
         tmp_path,
         {
             "posflow/__init__.py": "",
-            "posflow/cli.py": "",
-            "posflow/settings.py": "from posflow import cli\nfrom typing import TYPE_CHECKING\n"
+            "cli/__init__.py": "",
+            "cli/main.py": "",
+            "posflow/settings.py": "import cli.main\nfrom typing import TYPE_CHECKING\n"
             "if TYPE_CHECKING:\n    import streams.app\n",
             "streams/__init__.py": "",
             "streams/app.py": "from posflow.settings import Settings\n",
         },
     )
     assert [str(e) for e in layer_violations(edges)] == [
-        "posflow.settings -> posflow.cli (line 1)",
+        "posflow.settings -> cli.main (line 1)",
         "posflow.settings -> streams.app (line 4)",
     ]
 
@@ -273,11 +271,12 @@ def test_composition_may_import_services_and_services_the_core(tmp_path: Path) -
         {
             "posflow/__init__.py": "",
             "posflow/errors.py": "",
-            "posflow/cli.py": "import simulator.cli\nfrom simulator import loadtest\n",
+            "cli/__init__.py": "",
+            "cli/main.py": "import simulator.cli\nfrom cli import loadtest\n",
             "simulator/__init__.py": "",
             "simulator/cli.py": "from posflow.errors import x\nfrom . import engine\n",
             "simulator/engine.py": "",
-            "simulator/loadtest.py": "from simulator.engine import Run\n",
+            "cli/loadtest.py": "from simulator.engine import Run\n",
         },
     )
     assert len(edges) == 7

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from posflow.mainjob import MainJobOptions, service_specs
+from cli.mainjob import MainJobOptions, service_specs
 from posflow.settings import Settings, StackSettings
 from tests.conftest import ROOT
 from tests.unit.test_alert_production_profile import COMMANDS

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from posflow.cli import main
+from cli.main import main
 from posflow.settings import Settings
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 
-from posflow.cli import main as cli_main
+from cli.main import main as cli_main
 from posflow.contracts import Accepted, Rejected, validate_message
 from posflow.contracts.money import FeePlan, SettlementRule
 from posflow.errors import PosflowError

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from posflow.supervisor import ServiceSpec, Supervisor
+from cli.supervisor import ServiceSpec, Supervisor
 
 # A tiny "service": prints, then sleeps until terminated (or exits with the code it is given).
 _PROGRAM = (

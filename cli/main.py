@@ -183,7 +183,7 @@ def demo(  # noqa: PLR0917 - typer options
     ] = None,
 ) -> None:
     """The whole pipeline: stack, services, a simulated fleet and a live console (Ctrl-C stops)."""
-    from posflow.mainjob import MainJobOptions, run_main
+    from cli.mainjob import MainJobOptions, run_main
 
     options = MainJobOptions(
         terminals=terminals,
@@ -217,7 +217,7 @@ def loadtest(  # noqa: PLR0917 - typer options
     import asyncio
     import shlex
 
-    from simulator.loadtest import LoadTestOptions, run_loadtest
+    from cli.loadtest import LoadTestOptions, run_loadtest
 
     opts = LoadTestOptions(
         terminals=terminals, duration_s=duration, ramp_per_s=ramp, telemetry_s=telemetry_s,

@@ -29,13 +29,13 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from posflow.console import Snapshot, Stage, Watcher, render
+from cli.console import Snapshot, Stage, Watcher, render
+from cli.harness import count_rows, posflow_command
+from cli.supervisor import ServiceSpec, Supervisor
 from posflow.errors import PosflowError
 from posflow.feedclient import FeedClient
-from posflow.harness import count_rows, posflow_command
 from posflow.settings import Settings
 from posflow.storage.databases import create_database
-from posflow.supervisor import ServiceSpec, Supervisor
 from posflow.topics import topic_names
 
 __all__ = ["MainJobOptions", "Summary", "run_main"]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from posflow.harness import answers_ready, posflow_command
+from cli.harness import answers_ready, posflow_command
 
 __all__ = ["ServiceSpec", "Supervisor"]
 

@@ -34,7 +34,7 @@ __all__ = ["Pipeline", "RowCount", "answers_ready", "count_rows", "posflow_comma
 
 def posflow_command(*args: str) -> list[str]:
     """The argv that runs ``posflow <args>`` with this interpreter (and its environment)."""
-    return [sys.executable, "-m", "posflow.cli", *args]
+    return [sys.executable, "-m", "cli", *args]
 
 
 def answers_ready(port: int, path: str = "/readyz", *, timeout_s: float = 0.5) -> bool:

@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from posflow.harness import Pipeline, count_rows
+from cli.harness import Pipeline, count_rows
 from posflow.settings import KafkaSettings, PostgresSettings, Settings
 from posflow.stack import Stack, ensure_topics
 from posflow.storage.databases import create_database
