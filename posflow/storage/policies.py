@@ -7,6 +7,8 @@ matches the settings. On plain PostgreSQL, ``maintenance.py`` does this work.
 
 from __future__ import annotations
 
+import hashlib
+
 import psycopg
 
 from posflow.settings import StorageSettings
@@ -23,6 +25,11 @@ _RETENTION = {
 }
 
 
+# Services start together and each applies the policies: without a lock their
+# remove/add pairs interleave and one fails with "tuple concurrently deleted".
+# pg_advisory_xact_lock key: the first 8 bytes of sha256("posflow.policies"), fixed.
+_LOCK_KEY = int.from_bytes(hashlib.sha256(b"posflow.policies").digest()[:8], "big", signed=True)
+
 # Continuous aggregates (migrations 0002 and 0011): kept as long as the rollups.
 _ROLLUPS = ("telemetry_1m", "telemetry_1h", "fleet_battery_1m", "fleet_signal_1m")
 
@@ -33,6 +40,7 @@ def apply_timescaledb_policies(
     """Compression of telemetry and health windows (segment by terminal) and retention."""
     days = {"raw": storage.raw_retention_days, "rollup": storage.rollup_retention_days}
     with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", [_LOCK_KEY])
         for table in _COMPRESSED:
             conn.execute("SELECT remove_compression_policy(%s, if_exists => true)", [table])
             conn.execute(

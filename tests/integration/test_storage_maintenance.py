@@ -99,3 +99,40 @@ def test_concurrent_timescaledb_upkeep_runs_every_policy_job_cleanly(
             "policy_retention terminal_health",
             "policy_retention transactions",
         ]
+
+
+def test_services_starting_together_apply_the_policies_without_colliding(
+    pg: PostgresSettings,
+) -> None:
+    """Every service prepares the database at start; four at once each remove and re-add
+    every policy (a lock makes them take turns: without it one fails with "tuple
+    concurrently deleted"), and the policies end as the settings say, once each."""
+    with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+        migrate(conn)
+        if detect_path(conn) != "timescaledb":
+            pytest.skip("plain PostgreSQL has no policies: partitions, see the first test")
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+    storage = StorageSettings(compress_after_days=3)
+
+    def one() -> None:
+        try:
+            with psycopg.connect(pg.dsn(), autocommit=True) as conn:
+                start.wait(timeout=10)
+                for _ in range(5):
+                    apply_timescaledb_policies(conn, storage)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    with psycopg.connect(pg.dsn()) as conn:
+        rows = conn.execute(
+            "SELECT hypertable_name, config->>'compress_after' FROM timescaledb_information.jobs"
+            " WHERE proc_name = 'policy_compression' ORDER BY 1"
+        ).fetchall()
+    assert rows == [("telemetry", "3 days"), ("terminal_health", "3 days")]
