@@ -160,14 +160,13 @@ def authorize_audited(
     try:
         authorize(principal, action, target)
     except AccessDeniedError as denied:
-        from posflow.security.audit import record
+        from posflow.security.audit import record_action
 
-        record(
+        record_action(
             conn,
-            actor=principal.id,
-            role=principal.role.value,
-            action=action.value,
-            target=str(target) if target is not None else "-",
+            principal,
+            action,
+            target if target is not None else "-",
             source=source,
             outcome="refused",
             detail={"reason": str(denied)},
