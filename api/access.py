@@ -32,7 +32,6 @@ from psycopg_pool import ConnectionPool
 
 from api.pools import sync_pool
 from posflow.security.apiauth import Principal, not_found_for
-from posflow.security.audit import record_action
 from posflow.security.problems import Problem
 from posflow.security.roles import (
     AccessDeniedError,
@@ -41,6 +40,7 @@ from posflow.security.roles import (
     Target,
     authorize,
     authorize_audited,
+    record_action,
 )
 
 __all__ = ["Access", "ListLevel", "merchant_target"]

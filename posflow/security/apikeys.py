@@ -23,8 +23,14 @@ from typing import Any
 import psycopg
 
 from posflow.errors import PosflowError
-from posflow.security.audit import record_action
-from posflow.security.roles import Action, Principal, Role, Target, authorize_audited
+from posflow.security.roles import (
+    Action,
+    Principal,
+    Role,
+    Target,
+    authorize_audited,
+    record_action,
+)
 
 __all__ = [
     "ApiKey",

@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import psycopg
 from psycopg.rows import dict_row
@@ -32,9 +32,6 @@ from psycopg.types.json import Jsonb
 from posflow.contracts.cardguard import redact
 from posflow.errors import PosflowError
 
-if TYPE_CHECKING:
-    from posflow.security.roles import Action, Principal, Target
-
 __all__ = [
     "GENESIS",
     "AuditRecord",
@@ -42,7 +39,6 @@ __all__ = [
     "VerifyResult",
     "canonical_json",
     "record",
-    "record_action",
     "records",
     "verify",
 ]
@@ -195,29 +191,6 @@ def record(
 
 def _row(row: Mapping[str, Any]) -> AuditRecord:
     return AuditRecord(**row)
-
-
-def record_action(
-    conn: psycopg.Connection[Any],
-    principal: Principal,
-    action: Action,
-    target: Target | str,
-    *,
-    source: str,
-    outcome: Outcome = "ok",
-    detail: Mapping[str, Any] | None = None,
-) -> AuditRecord:
-    """:func:`record` of ``action`` by ``principal`` (its id and role) on ``target``."""
-    return record(
-        conn,
-        actor=principal.id,
-        role=principal.role.value,
-        action=action.value,
-        target=str(target),
-        source=source,
-        outcome=outcome,
-        detail=detail,
-    )
 
 
 def records(

@@ -98,8 +98,7 @@ def _terminal_change(
 ) -> Iterator[tuple[Settings, psycopg.Connection[Any], Done]]:
     """The database with ``action`` on the terminal's certificate authorised (a refusal is
     recorded), and ``done(detail)``, which records the change once it is made."""
-    from posflow.security.audit import record_action
-    from posflow.security.roles import Target, authorize_audited
+    from posflow.security.roles import Target, authorize_audited, record_action
 
     principal, source = _principal(actor), _source()
     target = Target("terminal", terminal_id)

@@ -36,8 +36,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from posflow.errors import PosflowError
-from posflow.security.audit import record_action
-from posflow.security.roles import Action, Principal, Target, authorize_audited
+from posflow.security.roles import Action, Principal, Target, authorize_audited, record_action
 from posflow.settings import Settings
 
 __all__ = [
