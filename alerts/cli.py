@@ -18,22 +18,18 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from posflow.cli_support import STAFF_KEY_ENV, staff_key_option
+
 if TYPE_CHECKING:
     from posflow.settings import Settings
 
 __all__ = ["KEY_ENV", "register"]
 
-KEY_ENV = "POSFLOW_STAFF_KEY"
+KEY_ENV = STAFF_KEY_ENV
 
 Key = Annotated[
     str | None,
-    typer.Option(
-        "--key",
-        envvar=KEY_ENV,
-        show_envvar=True,
-        help="your staff API key (`posflow api keys issue --role support_agent`); "
-        f"prefer the environment variable {KEY_ENV}",
-    ),
+    staff_key_option("your staff API key (`posflow api keys issue --role support_agent`)"),
 ]
 
 

@@ -14,7 +14,6 @@ the migrations, then serves it through :func:`posflow.runtime.run_service`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -35,7 +34,7 @@ from alerts.rules import load_rules, read_rules_file
 from alerts.store import AlertStore
 from posflow import runtime
 from posflow.kafkalag import ConsumerLag
-from posflow.runtime import Endpoints
+from posflow.runtime import Endpoints, cancel_tasks
 from posflow.security.tls import kafka_ssl_options, postgres_dsn
 from posflow.settings import Settings
 from posflow.topics import topic_names
@@ -96,11 +95,7 @@ class AlertService:
             await self.consumer.run(stop)
         finally:
             stop.set()
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_tasks(tasks)
             await self.producer.stop()
             for channel in live.outbox.channels.values():
                 if isinstance(channel, WebhookChannel):

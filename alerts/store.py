@@ -18,7 +18,7 @@ from psycopg.types.json import Jsonb
 from alerts.facts import Merchant
 from alerts.lifecycle import Alert, Changes, Silence
 from posflow.security.audit import Outcome, record
-from posflow.storage.offsets import load_offsets
+from posflow.storage.offsets import load_offsets, store_offsets
 
 __all__ = ["AlertStore", "AuditEntry"]
 
@@ -38,16 +38,7 @@ class AuditEntry:
     detail: dict[str, Any] = field(default_factory=dict)
 
     def write(self, conn: psycopg.Connection[Any]) -> None:
-        record(
-            conn,
-            actor=self.actor,
-            role=self.role,
-            action=self.action,
-            target=self.target,
-            source=self.source,
-            outcome=self.outcome,
-            detail=self.detail,
-        )
+        record(conn, **vars(self))
 
 
 def _ts(epoch: float | None) -> datetime | None:
@@ -241,11 +232,4 @@ class AlertStore:
                         for ch in self.channels
                     ],
                 )
-            if offsets:
-                cur.executemany(
-                    "INSERT INTO consumer_offsets (consumer_group, topic, partition, next_offset,"
-                    " updated_at) VALUES (%s, %s, %s, %s, now())"
-                    " ON CONFLICT (consumer_group, topic, partition)"
-                    " DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()",
-                    [(self.group, t, p, o) for (t, p), o in offsets.items()],
-                )
+            store_offsets(self.conn, self.group, offsets)

@@ -30,8 +30,8 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from api.pools import sync_pool
 from posflow.security.apiauth import Principal, not_found_for
-from posflow.security.audit import record
 from posflow.security.problems import Problem
 from posflow.security.roles import (
     AccessDeniedError,
@@ -40,6 +40,7 @@ from posflow.security.roles import (
     Target,
     authorize,
     authorize_audited,
+    record_action,
 )
 
 __all__ = ["Access", "ListLevel", "merchant_target"]
@@ -74,14 +75,8 @@ class Access:
         self.audit_staff_reads = audit_staff_reads
         # One audit writer per process (the chain serialises anyway); a connection found
         # broken when taken is replaced before the work runs on it.
-        self._pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
-            conninfo,
-            min_size=1,
-            max_size=1,
-            open=False,
-            kwargs={"autocommit": True},
-            check=ConnectionPool.check_connection,
-            name="posflow-api-audit",
+        self._pool = sync_pool(
+            conninfo, max_size=1, name="posflow-api-audit", check=ConnectionPool.check_connection
         )
 
     def open(self) -> None:
@@ -126,16 +121,8 @@ class Access:
         self, principal: Principal, action: Action, target: Target, source: str
     ) -> None:
         def write(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
-            record(
-                conn,
-                actor=principal.actor,
-                role=principal.role.value,
-                action=action.value,
-                target=str(target),
-                source=source,
-                outcome="ok",
-                detail={"key_label": principal.label} if principal.label else {},
-            )
+            label = {"key_label": principal.label} if principal.label else {}
+            record_action(conn, principal.security, action, target, source=source, detail=label)
 
         try:
             await asyncio.to_thread(self._run, write)

@@ -13,11 +13,11 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from psycopg_pool import AsyncConnectionPool
 
 from api.access import Access
 from api.feed import FeedHub
 from api.metrics import ApiMetrics, RequestMetricsMiddleware
+from api.pools import async_pool
 from api.problems import install_handlers
 from api.ratelimit import RateLimiter
 from api.routes import ApiContext, make_router, make_staff_router
@@ -57,14 +57,7 @@ def build(settings: Settings, metrics: ApiMetrics | None = None) -> ApiService:
     api = settings.api
     metrics = metrics or ApiMetrics()
     conninfo = postgres_dsn(settings)
-    pool = AsyncConnectionPool(
-        conninfo,
-        min_size=1,
-        max_size=api.db_pool_max,
-        open=False,
-        kwargs={"autocommit": True},
-        name="posflow-api",
-    )
+    pool = async_pool(conninfo, max_size=api.db_pool_max, name="posflow-api")
     hub = FeedHub(pool, conninfo, metrics, poll_s=api.sse_poll_s)
     access = Access(conninfo, audit_staff_reads=api.audit_staff_reads)
     ctx = ApiContext(

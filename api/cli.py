@@ -131,27 +131,12 @@ def register(app: typer.Typer) -> None:  # noqa: PLR0915 - one closure per comma
         actor: Actor = None,
     ) -> None:
         """Revoke a key: requests with it get 401 from then on."""
-        from posflow.security.apikeys import revoke_key
-        from posflow.security.audit import record
-        from posflow.security.roles import Action, Principal, Role, Target, authorize_audited
+        from posflow.security.apikeys import revoke_key_as
+        from posflow.security.roles import Principal, Role
 
         operator = Principal(_actor(actor), Role.SECURITY_ADMIN)
-        source = _source()
         with _connect() as conn:
-            authorize_audited(
-                conn, operator, Action.KEY_REVOKE, Target("api-key", key_id), source=source
-            )
-            with conn.transaction():
-                rec = revoke_key(conn, key_id)
-                record(
-                    conn,
-                    actor=operator.id,
-                    role=operator.role.value,
-                    action=Action.KEY_REVOKE.value,
-                    target=f"api-key:{key_id}",
-                    source=source,
-                    detail={"key_role": rec.role.value, "merchant": rec.merchant_id},
-                )
+            rec = revoke_key_as(conn, operator, key_id, source=_source())
         assert rec.revoked_at is not None  # noqa: S101 - revoke_key sets it
         owner = f"merchant {rec.merchant_id}" if rec.merchant_id else f"role {rec.role}"
         _print(f"revoked {rec.key_id} ({owner}) at {rec.revoked_at.isoformat()}")

@@ -35,10 +35,10 @@ from typing import Any
 
 import httpx
 import psycopg
-from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from api.feed import EventRow, fetch_events
 from api.metrics import DeliveryMetrics
+from api.pools import async_pool, sync_pool
 from api.signing import backoff_s, sign
 from api.webhooks import CHANNEL, secret_purpose
 from posflow.errors import PosflowError
@@ -143,22 +143,12 @@ class WebhookDeliverer:
         self.clock = clock
         self.rand = rand
         self.me = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
-        self.pool = AsyncConnectionPool(
-            conninfo,
-            min_size=1,
-            max_size=settings.webhook_concurrency + 1,
-            open=False,
-            kwargs={"autocommit": True},
-            name="posflow-webhooks",
+        self.pool = async_pool(
+            conninfo, max_size=settings.webhook_concurrency + 1, name="posflow-webhooks"
         )
         # get_secret is synchronous (psycopg): it runs in threads on this pool.
-        self.sync_pool = ConnectionPool(
-            conninfo,
-            min_size=1,
-            max_size=settings.webhook_concurrency,
-            open=False,
-            kwargs={"autocommit": True},
-            name="posflow-webhooks-secrets",
+        self.sync_pool = sync_pool(
+            conninfo, max_size=settings.webhook_concurrency, name="posflow-webhooks-secrets"
         )
         self.client = httpx.AsyncClient(
             timeout=settings.webhook_timeout_s,

@@ -10,7 +10,6 @@ deliveries. ``webhook_cursors`` holds how far delivery got; the deliverer
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,6 +21,7 @@ import psycopg
 from posflow.errors import PosflowError
 from posflow.security.audit import record
 from posflow.security.keys import KeyProvider, put_secret
+from posflow.security.tls import is_loopback
 
 __all__ = [
     "Endpoint",
@@ -64,15 +64,6 @@ def secret_purpose(endpoint_id: str) -> str:
     return f"webhook.{endpoint_id}"
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def validate_url(url: str, *, allow_http: bool) -> str:
     """An absolute http(s) URL; plain http only to loopback unless ``allow_http``."""
     parts = urlsplit(url)
@@ -85,7 +76,7 @@ def validate_url(url: str, *, allow_http: bool) -> str:
         raise PosflowError(
             "a webhook URL must not carry credentials", fix="receivers verify the signature"
         )
-    if parts.scheme == "http" and not allow_http and not _loopback(parts.hostname):
+    if parts.scheme == "http" and not allow_http and not is_loopback(parts.hostname):
         raise PosflowError(
             f"webhook URL {url!r} is plain http: event data would cross the network unencrypted",
             fix="use https (or set POSFLOW_API__WEBHOOK_ALLOW_HTTP=true for a test receiver)",

@@ -10,15 +10,15 @@ Imported as ``benchmarks._common`` once a benchmark has put the repository on ``
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
 import httpx
 
+from cli.harness import stop_processes
 from posflow.contracts import Accepted, IngestEnvelope, validate_message
 
 __all__ = [
@@ -34,20 +34,6 @@ def percentile_ms(values: list[float], q: float) -> float:
     """The ``q`` quantile (lower rank) of ``values`` in seconds, as milliseconds."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
-
-
-def stop_processes(procs: Iterable[subprocess.Popen[bytes]], timeout: float = 30) -> None:
-    """SIGTERM to each running process, then wait; one not gone in ``timeout`` s is killed."""
-    procs = list(procs)
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def wait_ready(name: str, url: str, proc: subprocess.Popen[bytes], limit_s: float = 60) -> None:

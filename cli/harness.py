@@ -5,6 +5,7 @@
 * :func:`answers_ready`: one probe of a service's ``/readyz`` (or ``/healthz``).
 * :class:`Pipeline`: the services a load test (or a test) feeds, on their own topics,
   consumer groups, ports and database, started and awaited until ready.
+* :func:`stop_processes`: SIGTERM, then a bounded wait (and a kill) for each process.
 * :func:`count_rows`: how many of the readings and payments a run published are stored,
   against how many must be (the loss both the demo and the load test report).
 """
@@ -20,7 +21,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -29,7 +30,14 @@ from typing import Any
 from posflow.settings import Settings
 from simulator.accounting import expected_rows, wait_for_rows
 
-__all__ = ["Pipeline", "RowCount", "answers_ready", "count_rows", "posflow_command"]
+__all__ = [
+    "Pipeline",
+    "RowCount",
+    "answers_ready",
+    "count_rows",
+    "posflow_command",
+    "stop_processes",
+]
 
 
 def posflow_command(*args: str) -> list[str]:
@@ -186,12 +194,18 @@ class Pipeline:
         return {name: p.pid for name, p in self.procs.items() if p.poll() is None}
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs.values())
+
+
+def stop_processes(procs: Iterable[subprocess.Popen[bytes]], timeout: float = 30) -> None:
+    """SIGTERM to each running process, then wait; one not gone in ``timeout`` s is killed."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -60,6 +60,14 @@ class MainJobOptions:
     def merchant_count(self) -> int:
         return self.merchants or max(1, self.terminals // 10)
 
+    def fleet_args(self) -> list[str]:
+        """The fleet's options, the same for `posflow fleet register` and `simulate`."""
+        return [
+            "--fleet", self.fleet_id,
+            "--terminals", str(self.terminals),
+            "--merchants", str(self.merchant_count),
+        ]  # fmt: skip
+
 
 @dataclass
 class Summary:
@@ -115,12 +123,7 @@ def service_specs(settings: Settings, options: MainJobOptions, log_dir: Path) ->
     s = settings.services
     sim_args = [
         "simulate",
-        "--fleet",
-        options.fleet_id,
-        "--terminals",
-        str(options.terminals),
-        "--merchants",
-        str(options.merchant_count),
+        *options.fleet_args(),
         "--summary-json",
         str(sim_counts_path(log_dir)),
         "--scenario",
@@ -198,22 +201,7 @@ def _prepare(settings: Settings, options: MainJobOptions, say: Callable[[str], N
         path = prepare_database(conn, settings.storage)
     say(f"  storage path: {path}")
     say(f"registering the fleet {options.fleet_id!r}: {options.terminals} terminals")
-    say(
-        "  "
-        + _cli(
-            [
-                "fleet",
-                "register",
-                "--fleet",
-                options.fleet_id,
-                "--terminals",
-                str(options.terminals),
-                "--merchants",
-                str(options.merchant_count),
-            ],
-            "registering the fleet",
-        ).strip()
-    )
+    say("  " + _cli(["fleet", "register", *options.fleet_args()], "registering the fleet").strip())
 
 
 def _create_database(settings: Settings, say: Callable[[str], None]) -> None:

@@ -16,6 +16,7 @@ import socket
 import sys
 from typing import TYPE_CHECKING, Any
 
+import typer
 from pydantic import ValidationError
 from rich.console import Console
 
@@ -26,7 +27,19 @@ from posflow.settings import Settings
 if TYPE_CHECKING:
     import psycopg
 
-__all__ = ["cli_source", "connect", "console", "load_settings", "service_settings"]
+__all__ = [
+    "STAFF_KEY_ENV",
+    "cli_source",
+    "connect",
+    "console",
+    "load_settings",
+    "service_settings",
+    "staff_key_option",
+]
+
+# Where a staff API key is given to the commands that act through one (`posflow alerts`,
+# the settlement's money-moving commands): out of the shell history and the process list.
+STAFF_KEY_ENV = "POSFLOW_STAFF_KEY"
 
 # A wide console when piped, so status tables stay one row per service in logs and CI.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -81,3 +94,14 @@ def connect(
 def cli_source() -> str:
     """Where a command-line change comes from, for the audit trail: ``cli:<user>@<host>``."""
     return f"cli:{getpass.getuser()}@{socket.gethostname()}"
+
+
+def staff_key_option(what: str) -> Any:
+    """The ``--key`` option (or ``POSFLOW_STAFF_KEY``) of a command that acts with a staff
+    API key; ``what`` says which key, the help adds where it had better come from."""
+    return typer.Option(
+        "--key",
+        envvar=STAFF_KEY_ENV,
+        show_envvar=True,
+        help=f"{what}; prefer the environment variable {STAFF_KEY_ENV}",
+    )

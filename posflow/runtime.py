@@ -6,6 +6,7 @@
 * :class:`Backoff`: the one exponential backoff (optionally with full jitter) used by
   every reconnect loop.
 * :func:`listen_forever`: a PostgreSQL ``LISTEN`` that reconnects with that backoff.
+* :func:`cancel_tasks`: a service's helper tasks cancelled and awaited at its end.
 
 Production-profile checks (``refuse_dev_defaults``) are not here: they run once, in
 the command line's service launcher, before any service is built.
@@ -29,6 +30,7 @@ __all__ = [
     "Backoff",
     "Endpoints",
     "Service",
+    "cancel_tasks",
     "install_stop_signals",
     "listen_forever",
     "run_service",
@@ -153,6 +155,17 @@ class Service:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """:func:`run_service` with this service's endpoints and body."""
         await run_service(self.name, self.endpoints, self.body, stop=stop)
+
+
+async def cancel_tasks(tasks: Iterable[asyncio.Task[object]]) -> None:
+    """Cancel every task, then await each until it has ended (an error other than the
+    cancellation is raised)."""
+    tasks = list(tasks)
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def listen_forever(

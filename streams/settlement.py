@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaProducer
 
 from posflow.contracts.money import IntegrityEvent
 from posflow.kafkalag import ConsumerLag
-from posflow.runtime import Endpoints, Service
+from posflow.runtime import Endpoints, Service, cancel_tasks
 from posflow.security.tls import kafka_ssl_options, postgres_dsn
 from posflow.settings import Settings
 from posflow.storage.ledger import CashflowEvent, LedgerResult
@@ -122,11 +122,7 @@ class SettlementWorker:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(sender, 30)
             self._unsent = None
-            for task in timers:
-                task.cancel()
-            for task in timers:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_tasks(timers)
             await self.sink.stop()
             await self.producer.stop()
             self.converter.conn.close()

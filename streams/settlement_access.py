@@ -25,21 +25,20 @@ need the same permission; each is recorded under its own action name
 from __future__ import annotations
 
 import asyncio
-import getpass
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 
+from posflow.cli_support import STAFF_KEY_ENV, cli_source
 from posflow.errors import PosflowError
 from posflow.security.audit import Outcome, record
 from posflow.security.roles import AccessDeniedError, Action, Target, authorize
 
 __all__ = ["KEY_ENV", "Command", "Operator", "authenticate_operator", "record_autocommit"]
 
-KEY_ENV = "POSFLOW_STAFF_KEY"
+KEY_ENV = STAFF_KEY_ENV
 
 
 @dataclass(frozen=True)
@@ -54,11 +53,6 @@ PAYOUT = Command("payout.create", Action.PAYOUT_CREATE)
 SET_PLAN = Command("settlement.set_plan", Action.PAYOUT_CREATE)
 RELEASE = Command("settlement.release", Action.PAYOUT_CREATE)
 SET_PAYOUT_ACCOUNT = Command("settlement.set_payout_account", Action.PAYOUT_CREATE)
-
-
-def cli_source() -> str:
-    """Where the command runs (unverified, like every CLI source)."""
-    return f"cli:{getpass.getuser()}@{socket.gethostname()}"
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from posflow.cli_support import connect
+from posflow.cli_support import connect, staff_key_option
 from posflow.errors import PosflowError
 
 if TYPE_CHECKING:
@@ -32,16 +32,11 @@ __all__ = ["register"]
 PAYOUT_ACCOUNT = "payout_account"  # the merchant secret's purpose
 
 T = TypeVar("T")
-KEY_ENV = "POSFLOW_STAFF_KEY"  # = streams.settlement_access.KEY_ENV (kept import-free)
 
 StaffKey = Annotated[
     str | None,
-    typer.Option(
-        "--key",
-        envvar=KEY_ENV,
-        show_envvar=True,
-        help="your staff API key of the finance role (`posflow api keys issue --role "
-        f"finance`); prefer the environment variable {KEY_ENV}",
+    staff_key_option(
+        "your staff API key of the finance role (`posflow api keys issue --role finance`)"
     ),
 ]
 
@@ -173,6 +168,9 @@ def set_plan(
 
     Needs the finance role (a fee plan decides how much money the merchant gets).
     """
+    from psycopg import sql
+    from pydantic import BaseModel
+
     from posflow.contracts import ContractError
     from posflow.contracts.money import FeePlan, SettlementRule
 
@@ -209,20 +207,21 @@ def set_plan(
             [merchant],
         ).fetchone()
         detail: dict[str, Any] = {}
-        if plan is not None:
+        docs: tuple[tuple[str, BaseModel | None], ...] = (
+            ("fee_plan", plan),
+            ("settlement_rule", rule),
+        )
+        for i, (column, new) in enumerate(docs):  # the columns in the order of ``before``
+            if new is None:
+                continue
             conn.execute(
-                "UPDATE merchants SET fee_plan = %s::jsonb WHERE merchant_id = %s",
-                [plan.model_dump_json(), merchant],
+                sql.SQL("UPDATE merchants SET {} = %s::jsonb WHERE merchant_id = %s").format(
+                    sql.Identifier(column)
+                ),
+                [new.model_dump_json(), merchant],
             )
-            detail["fee_plan"] = json.loads(plan.model_dump_json())
-            detail["previous_fee_plan"] = before[0] if before else None
-        if rule is not None:
-            conn.execute(
-                "UPDATE merchants SET settlement_rule = %s::jsonb WHERE merchant_id = %s",
-                [rule.model_dump_json(), merchant],
-            )
-            detail["settlement_rule"] = json.loads(rule.model_dump_json())
-            detail["previous_settlement_rule"] = before[1] if before else None
+            detail[column] = json.loads(new.model_dump_json())
+            detail[f"previous_{column}"] = before[i] if before else None
         operator.record(conn, detail)
 
     _guarded(key, SET_PLAN, Target("merchant", merchant, merchant), change)

@@ -9,6 +9,7 @@ its key, so a replay after a worker restart writes the same rows again.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,6 +23,80 @@ __all__ = ["HealthSink"]
 
 def _ts(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
+
+
+_COPY_WINDOWS = (
+    "COPY health_stage (window_start, window_end, terminal_id, merchant_id, score,"
+    " signal_score, battery_score, txn_score, printer_score, details) FROM STDIN"
+)
+_UPSERT_WINDOWS = """
+    INSERT INTO terminal_health AS h SELECT * FROM health_stage
+    ON CONFLICT (terminal_id, window_start) DO UPDATE SET
+        score = excluded.score, signal_score = excluded.signal_score,
+        battery_score = excluded.battery_score, txn_score = excluded.txn_score,
+        printer_score = excluded.printer_score, details = excluded.details
+    WHERE NOT coalesce((h.details->>'final')::boolean, false)
+       OR coalesce((excluded.details->>'final')::boolean, false)
+"""
+_COPY_STATES = (
+    "COPY state_stage (terminal_id, merchant_id, online, last_seen, status_changed_at,"
+    " battery_level_pct, charging, signal_type, signal_dbm, carrier, printer_paper,"
+    " lat, lon, app_version, firmware_version, health_score) FROM STDIN"
+)
+_UPSERT_STATES = """
+    INSERT INTO terminal_state SELECT * FROM state_stage
+    ON CONFLICT (terminal_id) DO UPDATE SET
+        merchant_id = excluded.merchant_id, online = excluded.online,
+        last_seen = excluded.last_seen,
+        status_changed_at = coalesce(excluded.status_changed_at,
+                                     terminal_state.status_changed_at),
+        battery_level_pct = excluded.battery_level_pct, charging = excluded.charging,
+        signal_type = excluded.signal_type, signal_dbm = excluded.signal_dbm,
+        carrier = excluded.carrier, printer_paper = excluded.printer_paper,
+        lat = excluded.lat, lon = excluded.lon, app_version = excluded.app_version,
+        firmware_version = excluded.firmware_version,
+        health_score = coalesce(excluded.health_score, terminal_state.health_score),
+        updated_at = now()
+"""
+
+
+def _window_row(r: dict[str, Any]) -> tuple[Any, ...]:
+    c = r["components"]
+    return (
+        _ts(r["window_start"]), _ts(r["window_end"]), r["terminal_id"],
+        r["merchant_id"], r["score"], c["signal"], c["battery"], c["txn"],
+        c["printer"],
+        orjson.dumps({"final": r["final"], "reasons": r["reasons"],
+                      **r["facts"]}).decode(),
+    )  # fmt: skip
+
+
+def _state_row(s: dict[str, Any]) -> tuple[Any, ...]:
+    c = s.get("current", {})
+    changed = s.get("status_changed_at")
+    return (
+        s["terminal_id"], s["merchant_id"], s["online"],
+        _ts(s["watermark"] or s["last_heard"]),
+        _ts(changed) if changed else None,
+        c.get("battery"), c.get("charging"), c.get("signal_type"),
+        c.get("signal_dbm"), c.get("carrier"), c.get("printer"),
+        c.get("lat"), c.get("lon"), c.get("app_version"),
+        c.get("firmware_version"), s.get("health_score"),
+    )  # fmt: skip
+
+
+def _copy_then_upsert(
+    conn: psycopg.Connection[tuple[Any, ...]],
+    copy_sql: str,
+    rows: Iterable[tuple[Any, ...]],
+    upsert_sql: str,
+) -> None:
+    """COPY into a staging table, then one upsert: far cheaper than array parameters."""
+    with conn.cursor() as cur:
+        with cur.copy(copy_sql) as copy:
+            for row in rows:
+                copy.write_row(row)
+        cur.execute(upsert_sql)
 
 
 class HealthSink:
@@ -81,76 +156,13 @@ class HealthSink:
     def _write_windows(
         conn: psycopg.Connection[tuple[Any, ...]], rows: list[dict[str, Any]]
     ) -> None:
-        # COPY into a staging table, then one upsert: far cheaper than array parameters.
-        with conn.cursor() as cur:
-            with cur.copy(
-                "COPY health_stage (window_start, window_end, terminal_id, merchant_id, score,"
-                " signal_score, battery_score, txn_score, printer_score, details) FROM STDIN"
-            ) as copy:
-                for r in rows:
-                    c = r["components"]
-                    copy.write_row(
-                        (
-                            _ts(r["window_start"]), _ts(r["window_end"]), r["terminal_id"],
-                            r["merchant_id"], r["score"], c["signal"], c["battery"], c["txn"],
-                            c["printer"],
-                            orjson.dumps({"final": r["final"], "reasons": r["reasons"],
-                                          **r["facts"]}).decode(),
-                        )
-                    )  # fmt: skip
-            cur.execute(
-                """
-                INSERT INTO terminal_health AS h SELECT * FROM health_stage
-                ON CONFLICT (terminal_id, window_start) DO UPDATE SET
-                    score = excluded.score, signal_score = excluded.signal_score,
-                    battery_score = excluded.battery_score, txn_score = excluded.txn_score,
-                    printer_score = excluded.printer_score, details = excluded.details
-                WHERE NOT coalesce((h.details->>'final')::boolean, false)
-                   OR coalesce((excluded.details->>'final')::boolean, false)
-                """
-            )
+        _copy_then_upsert(conn, _COPY_WINDOWS, map(_window_row, rows), _UPSERT_WINDOWS)
 
     @staticmethod
     def _write_states(
         conn: psycopg.Connection[tuple[Any, ...]], states: list[dict[str, Any]]
     ) -> None:
-        with conn.cursor() as cur:
-            with cur.copy(
-                "COPY state_stage (terminal_id, merchant_id, online, last_seen, status_changed_at,"
-                " battery_level_pct, charging, signal_type, signal_dbm, carrier, printer_paper,"
-                " lat, lon, app_version, firmware_version, health_score) FROM STDIN"
-            ) as copy:
-                for s in states:
-                    c = s.get("current", {})
-                    changed = s.get("status_changed_at")
-                    copy.write_row(
-                        (
-                            s["terminal_id"], s["merchant_id"], s["online"],
-                            _ts(s["watermark"] or s["last_heard"]),
-                            _ts(changed) if changed else None,
-                            c.get("battery"), c.get("charging"), c.get("signal_type"),
-                            c.get("signal_dbm"), c.get("carrier"), c.get("printer"),
-                            c.get("lat"), c.get("lon"), c.get("app_version"),
-                            c.get("firmware_version"), s.get("health_score"),
-                        )
-                    )  # fmt: skip
-            cur.execute(
-                """
-                INSERT INTO terminal_state SELECT * FROM state_stage
-                ON CONFLICT (terminal_id) DO UPDATE SET
-                    merchant_id = excluded.merchant_id, online = excluded.online,
-                    last_seen = excluded.last_seen,
-                    status_changed_at = coalesce(excluded.status_changed_at,
-                                                 terminal_state.status_changed_at),
-                    battery_level_pct = excluded.battery_level_pct, charging = excluded.charging,
-                    signal_type = excluded.signal_type, signal_dbm = excluded.signal_dbm,
-                    carrier = excluded.carrier, printer_paper = excluded.printer_paper,
-                    lat = excluded.lat, lon = excluded.lon, app_version = excluded.app_version,
-                    firmware_version = excluded.firmware_version,
-                    health_score = coalesce(excluded.health_score, terminal_state.health_score),
-                    updated_at = now()
-                """
-            )
+        _copy_then_upsert(conn, _COPY_STATES, map(_state_row, states), _UPSERT_STATES)
 
     def close(self) -> None:
         if self._conn is not None:

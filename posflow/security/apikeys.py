@@ -23,8 +23,14 @@ from typing import Any
 import psycopg
 
 from posflow.errors import PosflowError
-from posflow.security.audit import record
-from posflow.security.roles import Action, Principal, Role, Target, authorize_audited
+from posflow.security.roles import (
+    Action,
+    Principal,
+    Role,
+    Target,
+    authorize_audited,
+    record_action,
+)
 
 __all__ = [
     "ApiKey",
@@ -36,6 +42,7 @@ __all__ = [
     "list_keys",
     "parse_key",
     "revoke_key",
+    "revoke_key_as",
     "secret_hash",
 ]
 
@@ -165,13 +172,24 @@ def issue_key_as(
     authorize_audited(conn, operator, Action.KEY_ISSUE, target, source=source)
     with conn.transaction():
         issued = issue_key(conn, merchant_id, label, role=role, created_by=operator.id)
-        record(
-            conn,
-            actor=operator.id,
-            role=operator.role.value,
-            action=Action.KEY_ISSUE.value,
-            target=f"api-key:{issued.key_id}",
-            source=source,
+        record_action(
+            conn, operator, Action.KEY_ISSUE, f"api-key:{issued.key_id}", source=source,
             detail={"key_role": role.value, "merchant": merchant_id, "label": label},
-        )
+        )  # fmt: skip
     return issued
+
+
+def revoke_key_as(
+    conn: psycopg.Connection[Any], operator: Principal, key_id: str, *, source: str
+) -> KeyRecord:
+    """:func:`revoke_key` on behalf of ``operator``: authorised (a refusal is recorded), and
+    the revocation and its audit record written in one transaction. ``conn`` is autocommit."""
+    target = Target("api-key", key_id)
+    authorize_audited(conn, operator, Action.KEY_REVOKE, target, source=source)
+    with conn.transaction():
+        rec = revoke_key(conn, key_id)
+        record_action(
+            conn, operator, Action.KEY_REVOKE, target, source=source,
+            detail={"key_role": rec.role.value, "merchant": rec.merchant_id},
+        )  # fmt: skip
+    return rec

@@ -8,7 +8,9 @@ name), the role ``security_admin`` and the source ``cli:<user>@<host>``.
 from __future__ import annotations
 
 import getpass
-from typing import TYPE_CHECKING, Annotated, Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -17,10 +19,12 @@ from posflow.errors import PosflowError
 if TYPE_CHECKING:
     import psycopg
 
-    from posflow.security.roles import Principal
+    from posflow.security.roles import Action, Principal
     from posflow.settings import Settings
 
 __all__ = ["register"]
+
+T = TypeVar("T")
 
 pki_app = typer.Typer(help="Terminal certificates: the project CA, issue, list, revoke (TLS).")
 keys_app = typer.Typer(help="Merchant keys: issue, rotate, revoke (crypto-shredding), status.")
@@ -76,6 +80,37 @@ def _require_schema(conn: psycopg.Connection[Any]) -> None:
         )
 
 
+@contextmanager
+def _database() -> Iterator[tuple[Settings, psycopg.Connection[Any]]]:
+    """The settings, and a connection to their database once it has the audit trail."""
+    settings = _settings()
+    with _connect(settings) as conn:
+        _require_schema(conn)
+        yield settings, conn
+
+
+Done = Callable[[dict[str, Any]], object]
+
+
+@contextmanager
+def _terminal_change(
+    action: Action, terminal_id: str, actor: str | None
+) -> Iterator[tuple[Settings, psycopg.Connection[Any], Done]]:
+    """The database with ``action`` on the terminal's certificate authorised (a refusal is
+    recorded), and ``done(detail)``, which records the change once it is made."""
+    from posflow.security.roles import Target, authorize_audited, record_action
+
+    principal, source = _principal(actor), _source()
+    target = Target("terminal", terminal_id)
+    with _database() as (settings, conn):
+        authorize_audited(conn, principal, action, target, source=source)
+
+        def done(detail: dict[str, Any]) -> object:
+            return record_action(conn, principal, action, target, source=source, detail=detail)
+
+        yield settings, conn, done
+
+
 # -- pki ------------------------------------------------------------------------------
 
 
@@ -105,16 +140,10 @@ def pki_issue(
     actor: Actor = None,
 ) -> None:
     """Issue a terminal's client certificate; its common name is its MQTT username."""
-    from posflow.security.audit import record
     from posflow.security.pki import Pki
-    from posflow.security.roles import Action, Target, authorize_audited
+    from posflow.security.roles import Action
 
-    settings = _settings()
-    principal, source = _principal(actor), _source()
-    target = Target("terminal", terminal_id)
-    with _connect(settings) as conn:
-        _require_schema(conn)
-        authorize_audited(conn, principal, Action.CERT_ISSUE, target, source=source)
+    with _terminal_change(Action.CERT_ISSUE, terminal_id, actor) as (settings, _, done):
         pki = Pki.from_settings(settings)
         if kind not in ("terminal", "service"):
             raise PosflowError(
@@ -126,15 +155,7 @@ def pki_issue(
             kind="service" if kind == "service" else "terminal",
             days=days or settings.security.cert_days,
         )
-        record(
-            conn,
-            actor=principal.id,
-            role=principal.role.value,
-            action=Action.CERT_ISSUE.value,
-            target=str(target),
-            source=source,
-            detail={"serial": cert.serial, "not_after": cert.not_after, "kind": cert.kind},
-        )
+        done({"serial": cert.serial, "not_after": cert.not_after, "kind": cert.kind})
     _echo(f"issued {terminal_id} serial {cert.serial} valid until {cert.not_after}")
     _echo(f"  certificate {pki.cert_path(terminal_id)}")
     _echo(f"  private key {pki.key_path(terminal_id)} (0600: deliver it to the terminal)")
@@ -165,26 +186,12 @@ def pki_revoke(
     actor: Actor = None,
 ) -> None:
     """Revoke a terminal's certificate; the stack's broker re-reads its CRL (SIGHUP)."""
-    from posflow.security.audit import record
     from posflow.security.pki import Pki
-    from posflow.security.roles import Action, Target, authorize_audited
+    from posflow.security.roles import Action
 
-    settings = _settings()
-    principal, source = _principal(actor), _source()
-    target = Target("terminal", terminal_id)
-    with _connect(settings) as conn:
-        _require_schema(conn)
-        authorize_audited(conn, principal, Action.CERT_REVOKE, target, source=source)
+    with _terminal_change(Action.CERT_REVOKE, terminal_id, actor) as (settings, _, done):
         revoked = Pki.from_settings(settings).revoke(terminal_id, reason=reason)
-        record(
-            conn,
-            actor=principal.id,
-            role=principal.role.value,
-            action=Action.CERT_REVOKE.value,
-            target=str(target),
-            source=source,
-            detail={"serials": [r.serial for r in revoked], "reason": reason},
-        )
+        done({"serials": [r.serial for r in revoked], "reason": reason})
     _echo(f"revoked {terminal_id}: serials {', '.join(r.serial for r in revoked)}")
     _echo(_apply_to_broker(settings, restart=restart))
 
@@ -278,41 +285,33 @@ def _merchant(option: str | None, ctx: typer.Context) -> str:
     return merchant
 
 
+def _with_master_key(change: Callable[..., T], merchant_id: str, actor: str | None) -> T:
+    """``change(conn, master key, merchant_id, actor=, source=)``: a change of the
+    merchant's key, made by the operator."""
+    from posflow.security.keys import master_key_from_settings
+
+    with _database() as (settings, conn):
+        provider = master_key_from_settings(settings)
+        return change(conn, provider, merchant_id, actor=_principal(actor), source=_source())
+
+
 @keys_app.command("issue", context_settings=_POSITIONAL_MERCHANT)
 def keys_issue(ctx: typer.Context, merchant: Merchant = None, actor: Actor = None) -> None:
     """Create the merchant's key (its secrets can then be stored)."""
-    from posflow.security.keys import issue_merchant_key, master_key_from_settings
+    from posflow.security.keys import issue_merchant_key
 
     merchant_id = _merchant(merchant, ctx)
-    settings = _settings()
-    with _connect(settings) as conn:
-        _require_schema(conn)
-        version = issue_merchant_key(
-            conn,
-            master_key_from_settings(settings),
-            merchant_id,
-            actor=_principal(actor),
-            source=_source(),
-        )
+    version = _with_master_key(issue_merchant_key, merchant_id, actor)
     _echo(f"merchant {merchant_id}: key version {version} active")
 
 
 @keys_app.command("rotate", context_settings=_POSITIONAL_MERCHANT)
 def keys_rotate(ctx: typer.Context, merchant: Merchant = None, actor: Actor = None) -> None:
     """New key version; re-encrypt the merchant's secrets; retire the old version."""
-    from posflow.security.keys import master_key_from_settings, rotate_merchant_key
+    from posflow.security.keys import rotate_merchant_key
 
     merchant_id = _merchant(merchant, ctx)
-    settings = _settings()
-    with _connect(settings) as conn:
-        _require_schema(conn)
-        result = rotate_merchant_key(
-            conn,
-            master_key_from_settings(settings),
-            merchant_id,
-            actor=_principal(actor),
-            source=_source(),
-        )
+    result = _with_master_key(rotate_merchant_key, merchant_id, actor)
     _echo(
         f"merchant {merchant_id}: key version {result.new_version} active, "
         f"{result.reencrypted} secrets re-encrypted, retired {result.old_versions}"
@@ -336,9 +335,7 @@ def keys_revoke(
             f"revoking {merchant_id}'s key destroys its encrypted secrets for good",
             fix="add --yes to confirm",
         )
-    settings = _settings()
-    with _connect(settings) as conn:
-        _require_schema(conn)
+    with _database() as (_, conn):
         versions = revoke_merchant_key(
             conn, merchant_id, actor=_principal(actor), source=_source(), reason=reason
         )
@@ -351,9 +348,7 @@ def keys_status(ctx: typer.Context, merchant: Merchant = None) -> None:
     from posflow.security.keys import key_versions
 
     merchant_id = _merchant(merchant, ctx)
-    settings = _settings()
-    with _connect(settings) as conn:
-        _require_schema(conn)
+    with _database() as (_, conn):
         rows = key_versions(conn, merchant_id)
     if not rows:
         _echo(f"merchant {merchant_id}: no key")
@@ -370,9 +365,7 @@ def audit_verify() -> None:
     """Check the whole chain; names the first broken record and exits 1 if any."""
     from posflow.security.audit import verify
 
-    settings = _settings()
-    with _connect(settings) as conn:
-        _require_schema(conn)
+    with _database() as (_, conn):
         result = verify(conn)
     if not result.ok:
         raise PosflowError(
@@ -391,9 +384,7 @@ def audit_tail(
     """The newest records."""
     from posflow.security.audit import records
 
-    settings = _settings()
-    with _connect(settings) as conn:
-        _require_schema(conn)
+    with _database() as (_, conn):
         rows = records(conn, target=target, limit=lines)
     for r in rows:
         _echo(
@@ -405,9 +396,7 @@ def audit_tail(
 @audit_app.command("head")
 def audit_head() -> None:
     """The chain head (sequence and hash): copy it somewhere else to anchor the chain."""
-    settings = _settings()
-    with _connect(settings) as conn:
-        _require_schema(conn)
+    with _database() as (_, conn):
         row = conn.execute("SELECT seq, hash FROM audit_chain_head WHERE id").fetchone()
     if row is None:
         raise PosflowError("the audit chain head row is missing")

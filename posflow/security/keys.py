@@ -36,8 +36,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from posflow.errors import PosflowError
-from posflow.security.audit import record
-from posflow.security.roles import Action, Principal, Target, authorize_audited
+from posflow.security.roles import Action, Principal, Target, authorize_audited, record_action
 from posflow.settings import Settings
 
 __all__ = [
@@ -259,15 +258,7 @@ def _target(merchant_id: str) -> Target:
 def _audit(
     conn: Conn, actor: Principal, action: Action, merchant_id: str, source: str, **detail: Any
 ) -> None:
-    record(
-        conn,
-        actor=actor.id,
-        role=actor.role.value,
-        action=action.value,
-        target=str(_target(merchant_id)),
-        source=source,
-        detail=detail,
-    )
+    record_action(conn, actor, action, _target(merchant_id), source=source, detail=detail)
 
 
 def issue_merchant_key(

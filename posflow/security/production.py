@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
-
 from pydantic import BaseModel, SecretStr
 
 from posflow.errors import PosflowError
+from posflow.security.tls import is_loopback
 from posflow.settings import Settings
 
 __all__ = ["dev_default_settings", "refuse_dev_defaults"]
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def dev_default_settings(settings: Settings) -> list[str]:
@@ -46,12 +36,12 @@ def dev_default_settings(settings: Settings) -> list[str]:
         )
     if sec.master_key is None and sec.master_key_file is None:
         found.append("POSFLOW_SECURITY__MASTER_KEY_FILE (no master key configured)")
-    if not _loopback(settings.postgres.host) and sec.postgres_sslmode not in (
+    if not is_loopback(settings.postgres.host) and sec.postgres_sslmode not in (
         "verify-ca",
         "verify-full",
     ):
         found.append("POSFLOW_SECURITY__POSTGRES_SSLMODE (remote PostgreSQL without verified TLS)")
-    if not _loopback(settings.kafka.host) and sec.kafka_security_protocol != "SSL":
+    if not is_loopback(settings.kafka.host) and sec.kafka_security_protocol != "SSL":
         found.append("POSFLOW_SECURITY__KAFKA_SECURITY_PROTOCOL (remote Kafka without TLS)")
     return found
 

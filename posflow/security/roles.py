@@ -1,7 +1,8 @@
 """Who may do what: the one permission matrix, and ``authorize``.
 
 The HTTP API and the CLI call :func:`authorize` before every protected action; the
-audited variant, :func:`authorize_audited`, also records a refusal in the audit trail.
+audited variant, :func:`authorize_audited`, also records a refusal in the audit trail,
+and :func:`record_action` records what a principal did.
 A merchant principal is bound to its own merchant: every action it may take must
 name a target of that merchant.
 """
@@ -11,12 +12,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from posflow.errors import PosflowError
 
 if TYPE_CHECKING:
     import psycopg
+
+    from posflow.security.audit import AuditRecord, Outcome
 
 __all__ = [
     "PERMISSIONS",
@@ -27,6 +30,7 @@ __all__ = [
     "Target",
     "authorize",
     "authorize_audited",
+    "record_action",
 ]
 
 
@@ -160,16 +164,38 @@ def authorize_audited(
     try:
         authorize(principal, action, target)
     except AccessDeniedError as denied:
-        from posflow.security.audit import record
-
-        record(
+        record_action(
             conn,
-            actor=principal.id,
-            role=principal.role.value,
-            action=action.value,
-            target=str(target) if target is not None else "-",
+            principal,
+            action,
+            target if target is not None else "-",
             source=source,
             outcome="refused",
             detail={"reason": str(denied)},
         )
         raise
+
+
+def record_action(
+    conn: psycopg.Connection[Any],
+    principal: Principal,
+    action: Action,
+    target: Target | str,
+    *,
+    source: str,
+    outcome: Outcome = "ok",
+    detail: Mapping[str, Any] | None = None,
+) -> AuditRecord:
+    """The audit record of ``action`` by ``principal`` (its id and role) on ``target``."""
+    from posflow.security.audit import record
+
+    return record(
+        conn,
+        actor=principal.id,
+        role=principal.role.value,
+        action=action.value,
+        target=str(target),
+        source=source,
+        outcome=outcome,
+        detail=detail,
+    )

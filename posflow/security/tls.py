@@ -6,6 +6,7 @@ these settings at the deployment's CA and client certificates (docs/operations.m
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,23 @@ from posflow.errors import PosflowError
 from posflow.settings import Settings
 
 __all__ = [
+    "is_loopback",
     "kafka_ssl_options",
     "mqtt_tls_context",
     "postgres_dsn",
     "service_mqtt_endpoint",
     "terminal_mqtt_tls",
 ]
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (where plain connections are fine)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _quote(value: str) -> str:

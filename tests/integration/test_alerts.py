@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from paho.mqtt.enums import CallbackAPIVersion
 
+from cli.harness import stop_processes
 from posflow.security.apikeys import issue_key
 from posflow.security.roles import Role
 from posflow.settings import KafkaSettings, PostgresSettings, Settings
@@ -198,15 +198,7 @@ class Pipeline:
         raise AssertionError("the alert engine never became ready:\n" + self.engine_log())
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs.values(), timeout=15)
 
 
 @pytest.fixture
