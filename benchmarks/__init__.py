@@ -1,0 +1,1 @@
+"""Benchmark scripts (not shipped): run each as `python benchmarks/<name>.py --help`."""
