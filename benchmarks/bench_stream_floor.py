@@ -192,6 +192,11 @@ def run_one(
     return _health_worker(base, prefix, args.events, round_no)
 
 
+def _load_average() -> str:
+    """What else the machine runs: the contenders share its cores with it."""
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000)
@@ -225,7 +230,8 @@ def main() -> None:
     print(
         f"# bench_stream_floor {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores,"
         f" run {run}: {args.events:,} telemetry records, {args.terminals:,} terminals,"
-        f" {args.partitions} partitions, topic {prefix}.telemetry.v1",
+        f" {args.partitions} partitions, topic {prefix}.telemetry.v1;"
+        f" load average {_load_average()}",
         flush=True,
     )
     asyncio.run(ensure_topics(base))
@@ -254,7 +260,7 @@ def main() -> None:
                     else f"n/a: {result.note}"
                 )
                 print(f"round {round_no} {name}: {shown}", flush=True)
-    print()
+    print(f"\nload average at the end {_load_average()}\n")
     print(table(results, [n for n in CONTENDERS if n in args.only]))
     shares = share_of(results, "health worker", "faust no-op")
     if shares:
