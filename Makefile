@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install test-tools stack-up stack-down lint typecheck unit integration clean
+.PHONY: demo test install test-tools bench-tools stack-up stack-down lint typecheck unit integration clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -27,6 +27,13 @@ test-tools:
 	  apt-get update -q >/dev/null && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
 	    docker-compose chromium >/dev/null; }
+
+# What only the benchmarks compare against: Quix Streams (bench_stream_floor.py), in its own
+# environment because it pins pydantic below what posflow runs on.
+BENCH_VENV ?= .venv-bench
+bench-tools:
+	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q -r benchmarks/requirements-quix.txt
 
 stack-up: install
 	$(BIN)/posflow stack up
@@ -57,4 +64,4 @@ test: stack-up test-tools lint typecheck
 	$(BIN)/pytest
 
 clean: stack-down
-	rm -rf .stack $(VENV)
+	rm -rf .stack $(VENV) $(BENCH_VENV)

@@ -1,6 +1,6 @@
 """What several benchmarks do alike: percentiles, waiting for and stopping their services,
-reading a merchant's event stream, and sample bodies turned into the envelopes the bridge
-writes.
+reading a merchant's event stream, sample bodies turned into the envelopes the bridge
+writes, and a telemetry topic preloaded with them.
 
 Imported as ``benchmarks._common`` once a benchmark has put the repository on ``sys.path``
 (free ports come from ``tests.conftest.free_port``, the sample bodies from
@@ -13,17 +13,20 @@ import json
 import subprocess
 import time
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+from aiokafka import AIOKafkaProducer
 
 from cli.harness import stop_processes
 from posflow.contracts import Accepted, IngestEnvelope, validate_message
+from tests.unit import samples
 
 __all__ = [
     "envelope",
     "percentile_ms",
+    "preload_telemetry",
     "read_sse_ids",
     "stop_processes",
     "wait_ready",
@@ -63,6 +66,33 @@ def envelope(
     )
     assert isinstance(result, Accepted)  # noqa: S101 - the samples are valid
     return result.envelope
+
+
+async def preload_telemetry(
+    bootstrap: str, topic: str, count: int, terminals: int, merchant: str = "M-bench"
+) -> None:
+    """``count`` telemetry envelopes on ``topic``, keyed by terminal, round-robin over
+    ``terminals``; every terminal reports every 5 s of event time, from an hour ago."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=512 * 1024
+    )
+    await producer.start()
+    now = time.time()
+    base = now - now % 60 - 3600
+    try:
+        for i in range(count):
+            terminal = f"T-{i % terminals:05d}"
+            body = samples.telemetry(
+                merchant_id=merchant,
+                terminal_id=terminal,
+                seq=i,
+                ts=datetime.fromtimestamp(base + (i // terminals) * 5.0, UTC).isoformat(),
+            )
+            record = envelope("telemetry", body, received_at=datetime.now(UTC), mqtt_mid=1)
+            await producer.send(topic, record.to_json(), key=terminal.encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
 
 
 async def read_sse_ids(

@@ -32,14 +32,13 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import psycopg
-from aiokafka import AIOKafkaProducer
 from paho.mqtt.enums import CallbackAPIVersion
 from psycopg import sql
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from posflow.contracts import Accepted, validate_message  # noqa: E402 - after sys.path
+from benchmarks._common import preload_telemetry  # noqa: E402 - after sys.path
 from posflow.settings import KafkaSettings, Settings  # noqa: E402
 from posflow.stack import ensure_topics  # noqa: E402
 from posflow.storage.databases import create_database  # noqa: E402
@@ -56,18 +55,6 @@ def _payload(merchant: str, terminal: str, seq: int, ts: float) -> dict[str, Any
         seq=seq,
         ts=datetime.fromtimestamp(ts, UTC).isoformat(),
     )
-
-
-def _envelope(merchant: str, terminal: str, seq: int, ts: float) -> bytes:
-    """The Kafka record the bridge would write for that payload."""
-    result = validate_message(
-        f"pos/v1/{merchant}/{terminal}/telemetry",
-        json.dumps(_payload(merchant, terminal, seq, ts)).encode(),
-        received_at=datetime.now(UTC),
-        mqtt_mid=1,
-    )
-    assert isinstance(result, Accepted)  # noqa: S101
-    return result.envelope.to_json()
 
 
 def _metric(port: int, name: str) -> dict[str, float]:
@@ -94,28 +81,6 @@ def _worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
         [sys.executable, "-m", "cli", "streams", "worker"],
         env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-
-
-async def _load(settings: Settings, count: int, terminals: int) -> None:
-    producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka.bootstrap, acks="all", linger_ms=20,
-        max_batch_size=512 * 1024,
-    )  # fmt: skip
-    await producer.start()
-    now = time.time()
-    base = now - now % 60 - 3600
-    try:
-        for i in range(count):
-            terminal = f"T-{i % terminals:05d}"
-            ts = base + (i // terminals) * 5.0  # every terminal reports every 5 s of event time
-            await producer.send(
-                f"{settings.kafka.topic_prefix}.telemetry.v1",
-                _envelope("M-bench", terminal, i, ts),
-                key=terminal.encode(),
-            )
-        await producer.flush()
-    finally:
-        await producer.stop()
 
 
 def _percentile(buckets: dict[str, float], q: float) -> str:
@@ -154,7 +119,11 @@ def main() -> None:
             update={"kafka": KafkaSettings(**{**base.kafka.model_dump(), "topic_prefix": prefix})}
         )
         asyncio.run(ensure_topics(settings))
-        asyncio.run(_load(settings, args.events, args.terminals))
+        asyncio.run(
+            preload_telemetry(
+                settings.kafka.bootstrap, f"{prefix}.telemetry.v1", args.events, args.terminals
+            )
+        )
         # Baseline in the same run: a faust agent that only counts the same events.
         baseline = subprocess.run(
             [sys.executable, str(ROOT / "benchmarks" / "faust_baseline.py"),
