@@ -254,7 +254,7 @@ class Run:
         strength = st.drift_signal(self.telemetry_s)
         lost = self._active(i, at, "signal_loss") is not None
         dropout = st.rng.random() < 0.02 and st.poor_coverage and self.baseline_failures
-        carrier = t.carrier
+        carrier: str | None = t.carrier
         rssi = rsrp = sinr = wifi = None
         if lost or dropout:
             net = "none"
