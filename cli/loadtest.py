@@ -38,7 +38,7 @@ from simulator.accounting import KafkaSeen, Recorder, expected_rows, percentiles
 from simulator.engine import Run
 from simulator.fleet import build_fleet
 from simulator.metrics import SimMetrics
-from simulator.procstat import children_of, sample
+from simulator.procstat import backends_of, sample
 from simulator.register import register_fleet
 from simulator.runner import drive
 from simulator.scenarios import Scenario, load_scenario
@@ -289,7 +289,8 @@ async def _run(  # noqa: PLR0915 - one straight sequence of steps
     for svc in (stack.mosquitto, stack.kafka, stack.postgres):
         pid = svc.process.pid()
         if pid is not None:
-            groups[svc.name] = children_of(pid) if svc.name == "postgres" else [pid]
+            # PostgreSQL: this run's backends and the server's own processes, not others'.
+            groups[svc.name] = backends_of(pid, database) if svc.name == "postgres" else [pid]
     before = {n: sample(p) for n, p in groups.items()}
     handled_before = {n: messages_handled(port) for n, port in pipeline.ports.items()}
     peaks: dict[str, float] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cli.costtable import cost_markdown, cost_table
-from simulator.procstat import ProcSample
+from simulator.procstat import ProcSample, works_for
 
 
 def _at(at: float, cpu_s: float) -> ProcSample:
@@ -72,3 +72,13 @@ def test_the_markdown_table_shows_every_stage_and_the_telemetry_target() -> None
     assert "| ingest | posflow | 0.25 | 2.5 | 2,000 | 125.0 | 125.0 |" in text
     assert "| mosquitto | broker | 0.1 | 1.0 | - | - | 50.0 |" in text
     assert "**131.6 µs** (target <= 200 µs)" in text
+
+
+def test_postgres_processes_count_for_the_runs_database_and_the_servers_own_work() -> None:
+    run = "posflow_lt_ab12cd"
+    assert works_for(b"postgres: checkpointer \0\0", run)
+    assert works_for(b"postgres: TimescaleDB Background Worker Scheduler for database 1", run)
+    assert works_for(b"postgres: posflow posflow_lt_ab12cd 127.0.0.1(54502) idle\0", run)
+    assert works_for(b"postgres: posflow posflow_lt_ab12cd [local] COPY", run)
+    assert not works_for(b"postgres: posflow t_2af2bb29 127.0.0.1(54503) idle", run)
+    assert not works_for(b"postgres: posflow posflow [local] idle", run)
