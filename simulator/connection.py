@@ -2,7 +2,9 @@
 external-loop API), and the statistics every connection of a run adds to.
 
 A connection writes what is queued when asked (:meth:`Conn.flush`), several messages
-in one TCP write; reads are driven by the loop (``add_reader``), PUBACKs counted.
+in one TCP write, at most ``max_inflight`` unacknowledged (the window is kept here:
+paho's own walks every message in flight on each PUBACK); reads are driven by the loop
+(``add_reader``) from a 64 KiB buffer (posflow.mqtt), PUBACKs counted.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from posflow.mqtt import BufferedReads
 from posflow.runtime import Backoff
 from simulator.engine import Message
 
@@ -62,12 +65,12 @@ class Conn:
         self.host, self.port = host, port
         self.stats = stats
         self._on_sent = on_sent
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
+        c = BufferedReads(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
         if tls is not None:
             c.tls_set_context(tls)  # the certificate's common name is the MQTT username
         else:
             c.username_pw_set(username, password)
-        c.max_inflight_messages_set(max_inflight)
+        c.max_inflight_messages_set(0)  # the window is ours: see flush()
         c.max_queued_messages_set(0)
         c.on_socket_open = self._sock_open
         c.on_socket_close = self._sock_close
@@ -77,6 +80,7 @@ class Conn:
         self.client = c
         self.pending: deque[Message] = deque()
         self.inflight = 0
+        self.max_inflight = max_inflight
         self.ready = False
         self.wanted = False  # should be connected (False after a will until back online)
         self._sock: Any = None
@@ -92,6 +96,7 @@ class Conn:
         self.loop.add_reader(sock, self._readable)
 
     def _sock_close(self, _c: mqtt.Client, _u: object, sock: Any) -> None:
+        self.client.drop_buffer()
         self.loop.remove_reader(sock)
         if self._writing:
             self.loop.remove_writer(sock)
@@ -122,7 +127,12 @@ class Conn:
     # --- I/O ------------------------------------------------------------------------------
 
     def _readable(self) -> None:
-        self.client.loop_read(64)
+        client = self.client
+        client.loop_read(64)
+        while client.buffered() and self._sock is not None:  # no more readable: read on
+            client.loop_read(64)
+        if self.pending and self.ready:  # acknowledgements opened the window
+            self.flush()
 
     def _writable(self) -> None:
         self.client.loop_write()
@@ -172,7 +182,7 @@ class Conn:
         holds the segments until all of them are in the socket)."""
         corked = len(self.pending) > 1 and self.ready and self._cork(1)
         try:
-            while self.pending and self.ready:
+            while self.pending and self.ready and self.inflight < self.max_inflight:
                 msg = self.pending.popleft()
                 info = self.client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
                 if info.rc != mqtt.MQTT_ERR_SUCCESS:
