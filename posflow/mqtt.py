@@ -5,12 +5,19 @@ body). :class:`BufferedReads` serves those reads from 64 KiB chunks, so one syst
 call brings hundreds of packets: PUBLISHes for the ingest bridge (ingest/_mqtt.py adds
 its PUBLISH fast path on top), PUBACKs for the simulator's connections.
 
+A fast path for PUBACK too: paho builds a properties object and a reason-code object
+for each (tens of microseconds); :meth:`BufferedReads.read_pubacks` takes the complete
+PUBACKs at the head of the buffer directly and does what paho's handler does with them
+(the message leaves the in-flight table, its info is marked published). Any other
+packet, and one split across reads, still goes through paho.
+
 Whoever drives it from an event loop reads until :meth:`BufferedReads.buffered` is 0:
 bytes already in the buffer make the socket no more readable.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -18,6 +25,7 @@ import paho.mqtt.client as mqtt
 __all__ = ["BufferedReads"]
 
 _CHUNK = 65_536
+_PUBACK = 0x40  # fixed header byte of a PUBACK (MQTT 3.1.1 and 5.0)
 
 
 class BufferedReads(mqtt.Client):
@@ -46,3 +54,52 @@ class BufferedReads(mqtt.Client):
     def drop_buffer(self) -> None:
         """Forget what was read (the socket it came from is closed)."""
         self._rbuf, self._rpos = b"", 0
+
+    def fill(self) -> bool:
+        """Make sure there are bytes to parse: True when the buffer holds some (already,
+        or read now); False when the socket has nothing yet, or closed (paho has then
+        read the close and reported it)."""
+        if self._rpos < len(self._rbuf):
+            return True
+        if self._sock is None:
+            return False
+        try:
+            chunk = super()._sock_recv(_CHUNK)
+        except BlockingIOError:
+            return False
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.loop_read()  # paho reads the close (or the error) itself and reports it
+            return False
+        self._rbuf, self._rpos = chunk, 0
+        return True
+
+    def read_pubacks(self, acked: Callable[[int], None]) -> int:
+        """Take the complete PUBACKs at the head of the buffer; ``acked(mid)`` for each
+        message of ours it acknowledges. Returns how many PUBACKs were taken."""
+        if self._in_packet["command"] != 0:
+            return 0  # paho is in the middle of a packet
+        buf, pos, end = self._rbuf, self._rpos, len(self._rbuf)
+        mids: list[int] = []
+        while pos + 4 <= end and buf[pos] == _PUBACK:
+            length = buf[pos + 1]
+            if length < 2 or length & 0x80 or pos + 2 + length > end:
+                break  # not a plain PUBACK, or incomplete: paho reads it
+            mids.append((buf[pos + 2] << 8) | buf[pos + 3])
+            pos += 2 + length
+        if not mids:
+            return 0
+        self._rpos = pos
+        with self._msgtime_mutex:
+            self._last_bytes_received = mqtt.time_func()  # the keep-alive's clock
+        with self._out_message_mutex:
+            for mid in mids:
+                msg = self._out_messages.pop(mid, None)
+                if msg is None:
+                    continue  # not (or no longer) ours to acknowledge
+                msg.info._set_as_published()  # what paho's own handler does
+                if msg.qos > 0:
+                    self._inflight_messages -= 1
+                acked(mid)
+        return len(mids)

@@ -28,6 +28,8 @@ from simulator.engine import Message
 
 __all__ = ["Conn", "TransportStats"]
 
+_READS_PER_WAKEUP = 16  # 64 KiB each
+
 
 @dataclass
 class TransportStats:
@@ -120,7 +122,10 @@ class Conn:
         if self.wanted:
             self._schedule_reconnect()
 
-    def _acked(self, _c: mqtt.Client, _u: object, _mid: int, _r: object, _p: object) -> None:
+    def _acked(self, _c: mqtt.Client, _u: object, mid: int, _r: object, _p: object) -> None:
+        self._acked_mid(mid)
+
+    def _acked_mid(self, _mid: int) -> None:
         self.stats.acked += 1
         self.inflight -= 1
 
@@ -128,9 +133,14 @@ class Conn:
 
     def _readable(self) -> None:
         client = self.client
-        client.loop_read(64)
-        while client.buffered() and self._sock is not None:  # no more readable: read on
-            client.loop_read(64)
+        # PUBACKs straight from the buffer; anything else (CONNACK, PINGRESP, a packet
+        # split across reads) through paho. Bounded: a busy gateway does not starve the rest.
+        for _ in range(_READS_PER_WAKEUP):
+            if self._sock is None or not client.fill():
+                break
+            client.read_pubacks(self._acked_mid)
+            if client.buffered():
+                client.loop_read()
         if self.pending and self.ready:  # acknowledgements opened the window
             self.flush()
 
