@@ -1,4 +1,4 @@
-"""A paho-mqtt client whose socket reads come from a 64 KiB buffer.
+"""A paho-mqtt client that reads and writes in batches (the bridge and the simulator).
 
 paho reads every packet with up to three ``recv`` calls (command byte, length bytes,
 body). :class:`BufferedReads` serves those reads from 64 KiB chunks, so one system
@@ -11,16 +11,22 @@ PUBACKs at the head of the buffer directly and does what paho's handler does wit
 (the message leaves the in-flight table, its info is marked published). Any other
 packet, and one split across reads, still goes through paho.
 
+And a batch of PUBLISHes in one write: :meth:`BufferedReads.publish_batch` puts each
+QoS 1 message in paho's in-flight table (so PUBACKs, resends after a reconnect and the
+keep-alive work as with paho's ``publish``) and queues all their packets as one write,
+instead of paho's packet object, info object and ``send`` call per message.
+
 Whoever drives it from an event loop reads until :meth:`BufferedReads.buffered` is 0:
 bytes already in the buffer make the socket no more readable.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.client import PUBLISH
 
 __all__ = ["BufferedReads"]
 
@@ -103,3 +109,40 @@ class BufferedReads(mqtt.Client):
                     self._inflight_messages -= 1
                 acked(mid)
         return len(mids)
+
+    def publish_batch(self, messages: Sequence[tuple[str, bytes, int, bool]]) -> bool:
+        """Publish ``(topic, payload, qos, retain)`` messages, QoS 0 or 1, in one write
+        (MQTT 3.1.1). False, and nothing queued, when not connected (as paho's
+        ``MQTT_ERR_NO_CONN``) or on MQTT 5 (use ``publish``)."""
+        if self._sock is None or self._protocol == mqtt.MQTTv5 or not messages:
+            return False
+        now = mqtt.time_func()
+        parts: list[bytes] = []
+        with self._out_message_mutex:
+            for topic, payload, qos, retain in messages:
+                name = topic.encode()
+                mid = b""
+                if qos:
+                    message = mqtt.MQTTMessage(self._mid_generate(), name)
+                    message.payload, message.qos, message.retain = payload, qos, retain
+                    message.timestamp = now
+                    message.state = mqtt.mqtt_ms_wait_for_puback
+                    self._out_messages[message.mid] = message
+                    self._inflight_messages += 1
+                    mid = message.mid.to_bytes(2, "big")
+                size = 2 + len(name) + len(mid) + len(payload)
+                parts += (bytes((PUBLISH | qos << 1 | retain,)), _varint(size),
+                          len(name).to_bytes(2, "big"), name, mid, payload)  # fmt: skip
+        # One out-packet for all (qos 1 in paho's terms: no per-packet callback).
+        self._packet_queue(PUBLISH, b"".join(parts), 0, 1)
+        return True
+
+
+def _varint(value: int) -> bytes:
+    """MQTT's variable byte integer (remaining length)."""
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | 0x80 if value else byte)
+        if not value:
+            return bytes(out)

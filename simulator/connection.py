@@ -1,10 +1,11 @@
 """One MQTT connection of the simulator on the running asyncio loop (paho-mqtt's
 external-loop API), and the statistics every connection of a run adds to.
 
-A connection writes what is queued when asked (:meth:`Conn.flush`), several messages
-in one TCP write, at most ``max_inflight`` unacknowledged (the window is kept here:
-paho's own walks every message in flight on each PUBACK); reads are driven by the loop
-(``add_reader``) from a 64 KiB buffer (posflow.mqtt), PUBACKs counted.
+A connection writes what is queued when asked (:meth:`Conn.flush`), all of it in one
+write (``publish_batch``, posflow/mqtt.py), at most ``max_inflight`` unacknowledged:
+the window is kept here, as paho's own walks every message in flight on each PUBACK.
+Reads are driven by the loop (``add_reader``) from a 64 KiB buffer, PUBACKs taken
+straight from it (``read_pubacks``).
 """
 
 from __future__ import annotations
@@ -188,34 +189,20 @@ class Conn:
             self.flush()
 
     def flush(self) -> None:
-        """Publish what is queued; several messages go out as one TCP write (TCP_CORK
-        holds the segments until all of them are in the socket)."""
-        corked = len(self.pending) > 1 and self.ready and self._cork(1)
-        try:
-            while self.pending and self.ready and self.inflight < self.max_inflight:
-                msg = self.pending.popleft()
-                info = self.client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
-                if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                    self.pending.appendleft(msg)
-                    self.stats.error(f"publish rc {info.rc}")
-                    break
-                self.stats.published += 1
-                self.inflight += msg.qos > 0
-                self._on_sent(msg)
-        finally:
-            if corked:
-                self._cork(0)
+        """Publish what is queued, as far as the in-flight window allows, in one write."""
+        room = self.max_inflight - self.inflight
+        if self.pending and self.ready and room > 0:
+            pending = self.pending
+            batch = [pending.popleft() for _ in range(min(room, len(pending)))]
+            if self.client.publish_batch([(m.topic, m.payload, m.qos, m.retain) for m in batch]):
+                self.stats.published += len(batch)
+                for msg in batch:
+                    self.inflight += msg.qos > 0
+                    self._on_sent(msg)
+            else:  # the socket went away meanwhile: they wait for the reconnect
+                pending.extendleft(reversed(batch))
+                self.stats.error(f"publish rc {mqtt.MQTT_ERR_NO_CONN}")
         self._after_write()
-
-    def _cork(self, on: int) -> bool:
-        sock = self._sock
-        if sock is None:
-            return False
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, on)
-        except (OSError, AttributeError):  # not TCP (or not Linux): write as it comes
-            return False
-        return True
 
     def drop(self) -> None:
         """Lose the connection without a DISCONNECT: the broker publishes the Last Will."""

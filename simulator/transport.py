@@ -18,7 +18,7 @@ exponentially with full jitter.
 
 What it costs per message is kept small: :meth:`Fanout.send_many` routes a whole step's
 messages first and then writes each connection's share at once (a gateway's in one
-corked TCP write), and the keep-alive bookkeeping visits a slice of the connections
+TCP write), and the keep-alive bookkeeping visits a slice of the connections
 per call instead of all of them.
 """
 

@@ -1,4 +1,5 @@
-"""The core's buffered paho client: PUBACKs taken from the buffer do what paho's do."""
+"""The core's batching paho client: PUBACKs taken from the buffer do what paho's do, and
+a batch of PUBLISHes is what paho's publish() writes, in one write."""
 
 from __future__ import annotations
 
@@ -12,19 +13,30 @@ from paho.mqtt.enums import CallbackAPIVersion, _ConnectionState
 from posflow.mqtt import BufferedReads
 
 
-@pytest.fixture
-def connected() -> Iterator[tuple[BufferedReads, socket.socket]]:
-    """A client "connected" over a socket pair: what it writes, the broker end reads."""
+def _pair(cls: type[mqtt.Client]) -> tuple[mqtt.Client, socket.socket, socket.socket]:
     ours, broker = socket.socketpair()
     ours.setblocking(False)
-    client = BufferedReads(CallbackAPIVersion.VERSION2, client_id="t", protocol=mqtt.MQTTv311)
+    client = cls(CallbackAPIVersion.VERSION2, client_id="t", protocol=mqtt.MQTTv311)
     client.max_inflight_messages_set(0)
     client._sock = ours
     client._state = _ConnectionState.MQTT_CS_CONNECTED
+    return client, ours, broker
+
+
+@pytest.fixture
+def connected() -> Iterator[tuple[BufferedReads, socket.socket]]:
+    """A client "connected" over a socket pair: what it writes, the broker end reads."""
+    client, ours, broker = _pair(BufferedReads)
+    assert isinstance(client, BufferedReads)
     yield client, broker
     client._sock = None
     ours.close()
     broker.close()
+
+
+def _received(broker: socket.socket) -> bytes:
+    broker.settimeout(1)
+    return broker.recv(1 << 20)
 
 
 def _puback(mid: int) -> bytes:
@@ -69,3 +81,44 @@ def test_a_split_puback_waits_for_its_rest_and_a_closed_socket_reaches_paho(
     broker.close()
     assert not client.fill()  # the close: paho read it and reported it
     assert disconnects
+
+
+def test_a_publish_batch_writes_what_paho_publish_writes_and_keeps_them_in_flight(
+    connected: tuple[BufferedReads, socket.socket],
+) -> None:
+    client, broker = connected
+    batch = [
+        ("pos/v1/m-1/t-1/telemetry", b'{"seq":1}', 1, False),
+        ("pos/v1/m-1/t-1/status", b'{"state":"online"}', 1, True),
+        ("pos/v1/m-1/t-1/telemetry", b"x" * 300, 0, False),  # a two-byte remaining length
+    ]
+    reference, ours, other_end = _pair(mqtt.Client)
+    try:
+        for topic, payload, qos, retain in batch:
+            reference.publish(topic, payload, qos=qos, retain=retain)
+        want = _received(other_end)
+    finally:
+        reference._sock = None
+        ours.close()
+        other_end.close()
+
+    assert client.publish_batch(batch)
+    assert _received(broker) == want  # the same bytes, packet ids included
+    in_flight = client._out_messages
+    assert [(m.mid, m.topic, m.payload, m.retain) for m in in_flight.values()] == [
+        (1, "pos/v1/m-1/t-1/telemetry", b'{"seq":1}', False),
+        (2, "pos/v1/m-1/t-1/status", b'{"state":"online"}', True),
+    ]
+    assert client._inflight_messages == 2
+    broker.sendall(_puback(1) + _puback(2))
+    acked: list[int] = []
+    assert client.fill()
+    assert client.read_pubacks(acked.append) == 2
+    assert acked == [1, 2]
+    assert not client._out_messages
+
+
+def test_a_publish_batch_without_a_connection_queues_nothing() -> None:
+    client = BufferedReads(CallbackAPIVersion.VERSION2, client_id="t", protocol=mqtt.MQTTv311)
+    assert not client.publish_batch([("pos/v1/m/t/telemetry", b"{}", 1, False)])
+    assert not client._out_messages
