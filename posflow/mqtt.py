@@ -41,6 +41,8 @@ class BufferedReads(mqtt.Client):
         super().__init__(*args, **kwargs)
         self._rbuf = b""
         self._rpos = 0
+        # The last read took less than a chunk: the socket had nothing more then.
+        self.drained = False
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._rpos >= len(self._rbuf):
@@ -79,6 +81,7 @@ class BufferedReads(mqtt.Client):
             self.loop_read()  # paho reads the close (or the error) itself and reports it
             return False
         self._rbuf, self._rpos = chunk, 0
+        self.drained = len(chunk) < _CHUNK
         return True
 
     def read_pubacks(self, acked: Callable[[int], None]) -> int:

@@ -142,6 +142,8 @@ class Conn:
             client.read_pubacks(self._acked_mid)
             if client.buffered():
                 client.loop_read()
+            elif client.drained:  # the socket had no more: the loop calls again if it gets some
+                break
         if self.pending and self.ready:  # acknowledgements opened the window
             self.flush()
 
