@@ -24,6 +24,7 @@ __all__ = [
     "messages_handled",
     "metrics_text",
     "proc_usage",
+    "until_handled_still",
 ]
 
 # The load test's process group -> the stage it is, in pipeline order.
@@ -160,3 +161,24 @@ def messages_handled(port: int) -> float | None:
         if family.name == MESSAGES_HANDLED:
             return sum(s.value for s in family.samples if s.name.endswith("_total"))
     return None
+
+
+async def until_handled_still(
+    ports: Mapping[str, int], *, still_s: float, timeout_s: float
+) -> None:
+    """Wait until no service's ``posflow_messages_handled_total`` moved for ``still_s``
+    (every stage caught up), or ``timeout_s``: the cost table's messages and CPU are then
+    read at one instant, after the work they belong together with."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    last: dict[str, float | None] = {}
+    still_since = time.monotonic()
+    while time.monotonic() < deadline:
+        now = {n: await asyncio.to_thread(messages_handled, port) for n, port in ports.items()}
+        if now != last:
+            last, still_since = now, time.monotonic()
+        elif time.monotonic() - still_since >= still_s:
+            return
+        await asyncio.sleep(1.0)

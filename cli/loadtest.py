@@ -28,6 +28,7 @@ from cli.costtable import (
     messages_handled,
     metrics_text,
     proc_usage,
+    until_handled_still,
 )
 from cli.harness import Pipeline, count_rows
 from posflow.settings import KafkaSettings, PostgresSettings, Settings
@@ -329,7 +330,8 @@ async def _run(  # noqa: PLR0915 - one straight sequence of steps
             count_rows, lt_settings.postgres.dsn(), name, counts,
             timeout_s=120, still_s=10,
         )  # fmt: skip
-        await asyncio.sleep(3)  # let the health worker's sink flush
+        # Every stage caught up (the health worker may lag the raw sink): then sample.
+        await until_handled_still(pipeline.ports, still_s=5, timeout_s=120)
         # The stages' CPU and messages at the same instant, once they caught up (before the
         # read-back below adds its own load to Kafka); the simulator's over its run.
         settled = {n: sample(p) for n, p in groups.items()} | {"simulator": after_run["simulator"]}
