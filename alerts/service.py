@@ -33,6 +33,7 @@ from alerts.reload import RulesReloader
 from alerts.rules import load_rules, read_rules_file
 from alerts.store import AlertStore
 from posflow import runtime
+from posflow.cost import Handled
 from posflow.kafkalag import ConsumerLag
 from posflow.runtime import Endpoints, cancel_tasks
 from posflow.security.tls import kafka_ssl_options, postgres_dsn
@@ -72,6 +73,7 @@ class AlertService:
             lambda: self.ready,
             alert_routes(self.live, self.reloader, self.access),
             ready_detail=self.readiness,
+            handled=Handled("alerts", ("posflow_alerts_records",)),
         )
 
     async def run(self, stop: asyncio.Event) -> None:

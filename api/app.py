@@ -12,7 +12,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from api.access import Access
 from api.feed import FeedHub
@@ -21,6 +21,7 @@ from api.pools import async_pool
 from api.problems import install_handlers
 from api.ratelimit import RateLimiter
 from api.routes import ApiContext, make_router, make_staff_router
+from posflow.cost import Handled, cost_registry, exposition
 from posflow.security.apiauth import Authenticator
 from posflow.security.tls import postgres_dsn
 from posflow.settings import Settings
@@ -103,9 +104,11 @@ def build(settings: Settings, metrics: ApiMetrics | None = None) -> ApiService:
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "not ready", "reason": "no LISTEN connection"}, 503)
 
+    cost = cost_registry(metrics.registry, Handled("api", ("posflow_api_requests",)))
+
     @app.get("/metrics", include_in_schema=False)
     async def prometheus(_: Request) -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition(metrics.registry, cost), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return ApiService(settings=settings, app=app, metrics=metrics, hub=hub)

@@ -41,6 +41,7 @@ from api.metrics import DeliveryMetrics
 from api.pools import async_pool, sync_pool
 from api.signing import backoff_s, sign
 from api.webhooks import CHANNEL, secret_purpose
+from posflow.cost import Handled
 from posflow.errors import PosflowError
 from posflow.runtime import Endpoints, listen_forever, run_service
 from posflow.security.keys import KeyProvider, MerchantKeyRevokedError, get_secret
@@ -370,5 +371,6 @@ def build_deliverer(settings: Settings, provider: KeyProvider | None = None) -> 
         settings.api.webhook_port,
         deliverer.metrics.registry,
         lambda: deliverer.listening,
+        handled=Handled("webhooks", ("posflow_webhook_attempts",)),
     )
     return WebhookService(deliverer, endpoints)

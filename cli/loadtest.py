@@ -22,6 +22,14 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from cli.costtable import (
+    cost_markdown,
+    cost_table,
+    messages_handled,
+    metrics_text,
+    proc_usage,
+    until_handled_still,
+)
 from cli.harness import Pipeline, count_rows
 from posflow.settings import KafkaSettings, PostgresSettings, Settings
 from posflow.stack import Stack, ensure_topics
@@ -31,7 +39,7 @@ from simulator.accounting import KafkaSeen, Recorder, expected_rows, percentiles
 from simulator.engine import Run
 from simulator.fleet import build_fleet
 from simulator.metrics import SimMetrics
-from simulator.procstat import ProcSample, children_of, sample
+from simulator.procstat import backends_of, sample
 from simulator.register import register_fleet
 from simulator.runner import drive
 from simulator.scenarios import Scenario, load_scenario
@@ -57,6 +65,7 @@ class LoadTestOptions:
     readback_s: float = 120.0
     fleet: str = "lt"
     keep_database: bool = False
+    alerts: bool = True  # `posflow alerts run` in the pipeline (a stage of the cost table)
 
 
 async def read_back(
@@ -112,13 +121,10 @@ async def read_back(
 
 def _sink_latency(port: int) -> dict[str, Any]:
     """Terminal timestamp -> raw row committed, from the sink's histogram (bucket bounds)."""
-    import urllib.request
-
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
+        text = metrics_text(port)
     except OSError as exc:
         return {"error": str(exc)}
     buckets: dict[float, float] = {}
@@ -180,21 +186,6 @@ def _db_stats(settings: Settings, terminals: list[str], rec: Recorder) -> dict[s
     return out
 
 
-def _proc_usage(before: dict[str, ProcSample | None], after: dict[str, ProcSample | None],
-                peaks: dict[str, float]) -> dict[str, Any]:  # fmt: skip
-    out = {}
-    for name, b in before.items():
-        a = after.get(name)
-        if a is None or b is None:
-            continue
-        out[name] = {
-            "cpu_pct_of_one_core": round(100 * (a.cpu_s - b.cpu_s) / max(a.at - b.at, 1e-9), 1),
-            "rss_mb_end": round(a.rss_mb, 1),
-            "rss_mb_peak": round(max(peaks.get(name, 0.0), a.rss_mb), 1),
-        }
-    return out
-
-
 def _markdown(report: dict[str, Any]) -> str:
     a = report["accounting"]
     c = report["connections"]
@@ -244,7 +235,8 @@ def _markdown(report: dict[str, Any]) -> str:
     for name, p in report["processes"].items():
         cpu, end, peak = p["cpu_pct_of_one_core"], p["rss_mb_end"], p["rss_mb_peak"]
         lines.append(f"| {name} | {cpu} | {end} | {peak} |")
-    lines += ["", "## Transport", "", f"```\n{json.dumps(report['transport'], indent=1)}\n```", ""]
+    lines += ["", *cost_markdown(report["cost"])]
+    lines += ["## Transport", "", f"```\n{json.dumps(report['transport'], indent=1)}\n```", ""]
     return "\n".join(lines)
 
 
@@ -289,7 +281,8 @@ async def _run(  # noqa: PLR0915 - one straight sequence of steps
     pipeline = Pipeline(settings, prefix, run_id, database=database)
     # Payments -> ledger -> cash-flow events, when the settlement worker is there.
     # and the raw sink: every reading and payment must end as a row in the database.
-    pipeline.start(settlement=importlib.util.find_spec("streams.settlement") is not None, sink=True)
+    pipeline.start(settlement=importlib.util.find_spec("streams.settlement") is not None, sink=True,
+                   alerts=opts.alerts)  # fmt: skip
     console.print(f"pipeline up: {pipeline.pids()} (topics {prefix}.*)")
     stack = Stack(settings)
     groups: dict[str, list[int]] = {"simulator": [os.getpid()]}
@@ -297,8 +290,10 @@ async def _run(  # noqa: PLR0915 - one straight sequence of steps
     for svc in (stack.mosquitto, stack.kafka, stack.postgres):
         pid = svc.process.pid()
         if pid is not None:
-            groups[svc.name] = children_of(pid) if svc.name == "postgres" else [pid]
+            # PostgreSQL: this run's backends and the server's own processes, not others'.
+            groups[svc.name] = backends_of(pid, database) if svc.name == "postgres" else [pid]
     before = {n: sample(p) for n, p in groups.items()}
+    handled_before = {n: messages_handled(port) for n, port in pipeline.ports.items()}
     peaks: dict[str, float] = {}
 
     ids = {t.index: t.terminal_id for t in fleet.terminals}
@@ -329,18 +324,24 @@ async def _run(  # noqa: PLR0915 - one straight sequence of steps
                 gateways=opts.gateways, run_id=run_id, progress=progress, metrics=metrics,
             )  # fmt: skip
         after_run = {n: sample(p) for n, p in groups.items()}
-        expected = rec.total - rec.by_expect.get("dup", 0)
-        console.print(f"published {rec.total:,}; reading Kafka back ({expected:,} expected)")
-        t = time.monotonic()
-        seen = await read_back(lt_settings.kafka, set(ids.values()), expected, opts.readback_s)
-        console.print(f"read back in {time.monotonic() - t:.1f} s")
-        await asyncio.sleep(3)  # let the health worker's sink flush
         counts = metrics.counts()
         console.print(f"waiting for the raw sink: {expected_rows(counts):,} rows expected")
         rows = await asyncio.to_thread(
             count_rows, lt_settings.postgres.dsn(), name, counts,
             timeout_s=120, still_s=10,
         )  # fmt: skip
+        # Every stage caught up (the health worker may lag the raw sink): then sample.
+        await until_handled_still(pipeline.ports, still_s=5, timeout_s=120)
+        # The stages' CPU and messages at the same instant, once they caught up (before the
+        # read-back below adds its own load to Kafka); the simulator's over its run.
+        settled = {n: sample(p) for n, p in groups.items()} | {"simulator": after_run["simulator"]}
+        handled = {n: (messages_handled(port) or 0) - (handled_before.get(n) or 0)
+                   for n, port in pipeline.ports.items()}  # fmt: skip
+        expected = rec.total - rec.by_expect.get("dup", 0)
+        console.print(f"published {rec.total:,}; reading Kafka back ({expected:,} expected)")
+        t = time.monotonic()
+        seen = await read_back(lt_settings.kafka, set(ids.values()), expected, opts.readback_s)
+        console.print(f"read back in {time.monotonic() - t:.1f} s")
         db_stats = _db_stats(lt_settings, list(ids.values()), rec)
         db_stats["expected_rows"] = rows.expected
         db_stats["stored_rows"] = rows.stored
@@ -396,7 +397,10 @@ async def _run(  # noqa: PLR0915 - one straight sequence of steps
             "errors": result.stats.errors,
             "wall_s": round(result.wall_s, 1),
         },
-        "processes": _proc_usage(before, after_run, peaks),
+        "processes": proc_usage(before, after_run, peaks),
+        "cost": cost_table(
+            before, settled, handled, published=rec.total, telemetry=rec.by_kind["telemetry"]
+        ),
     }
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     (opts.out_dir / f"{opts.name}.json").write_text(json.dumps(report, indent=2) + "\n")

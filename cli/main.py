@@ -212,6 +212,7 @@ def loadtest(  # noqa: PLR0917 - typer options
     out_dir: Annotated[Path, typer.Option(help="report directory")] = Path("docs/benchmarks"),
     name: Annotated[str, typer.Option(help="report file name (.json, .md)")] = "loadtest-run",
     keep_database: Annotated[bool, typer.Option(help="keep the run's database")] = False,
+    alerts: Annotated[bool, typer.Option(help="run the alert engine too (a stage)")] = True,
 ) -> None:
     """Ramp a fleet up over MQTT, account for every message, write a JSON + Markdown report."""
     import asyncio
@@ -222,7 +223,7 @@ def loadtest(  # noqa: PLR0917 - typer options
     opts = LoadTestOptions(
         terminals=terminals, duration_s=duration, ramp_per_s=ramp, telemetry_s=telemetry_s,
         txn_scale=txn_scale, max_real=max_real, gateways=gateways, scenario=scenario,
-        out_dir=out_dir, name=name, keep_database=keep_database,
+        out_dir=out_dir, name=name, keep_database=keep_database, alerts=alerts,
         command="posflow " + shlex.join(sys.argv[1:]),
     )  # fmt: skip
     report = asyncio.run(run_loadtest(load_settings(), opts, console))

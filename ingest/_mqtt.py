@@ -31,37 +31,21 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.client import PUBACK
 
+from posflow.mqtt import BufferedReads
 from posflow.runtime import Backoff
 
 __all__ = ["BufferedClient", "LoopDriver"]
 
 log = logging.getLogger("posflow.ingest")
 
-_CHUNK = 65_536
 _PUBLISH = 3
 
 # (topic, payload, qos, packet id): what the bridge needs of a PUBLISH.
 PublishHandler = Callable[[str, bytes, int, int], None]
 
 
-class BufferedClient(mqtt.Client):
-    """A paho client whose socket reads come from a 64 KiB buffer."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._rbuf = b""
-        self._rpos = 0
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        if self._rpos >= len(self._rbuf):
-            chunk = super()._sock_recv(_CHUNK)  # BlockingIOError when nothing is there
-            if not chunk:
-                return b""  # the broker closed the connection
-            self._rbuf, self._rpos = chunk, 0
-        end = min(self._rpos + bufsize, len(self._rbuf))
-        data = self._rbuf[self._rpos : end]
-        self._rpos = end
-        return data
+class BufferedClient(BufferedReads):
+    """A paho client with buffered reads (posflow.mqtt) and a fast path for PUBLISH."""
 
     def read_publishes(self, handler: PublishHandler, limit: int) -> int:
         """Decode up to ``limit`` complete PUBLISH packets from the buffer; returns how many.
@@ -102,13 +86,6 @@ class BufferedClient(mqtt.Client):
         blob = b"".join(b"\x40\x02" + mid.to_bytes(2, "big") for mid in mids)
         if blob:
             self._packet_queue(PUBACK, blob, 0, 0)
-
-    def buffered(self) -> int:
-        """Bytes received from the socket and not yet parsed."""
-        return len(self._rbuf) - self._rpos
-
-    def drop_buffer(self) -> None:
-        self._rbuf, self._rpos = b"", 0
 
 
 def _varint(buf: bytes, i: int, end: int) -> tuple[int, int]:

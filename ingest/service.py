@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ingest.bridge import Bridge
 from ingest.metrics import BridgeMetrics
+from posflow.cost import Handled
 from posflow.runtime import Endpoints, run_service
 from posflow.settings import Settings
 
@@ -28,5 +29,11 @@ def build(settings: Settings) -> IngestService:
     s = settings.services
     return IngestService(
         bridge=bridge,
-        endpoints=Endpoints(s.bind_host, s.ingest, bridge.metrics.registry, bridge.is_ready),
+        endpoints=Endpoints(
+            s.bind_host,
+            s.ingest,
+            bridge.metrics.registry,
+            bridge.is_ready,
+            handled=Handled("ingest", ("posflow_ingest_received",)),
+        ),
     )

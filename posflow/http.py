@@ -1,11 +1,16 @@
-"""Every service's HTTP endpoints: /metrics, /healthz (alive), /readyz (its own readiness)."""
+"""Every service's HTTP endpoints: /metrics, /healthz (alive), /readyz (its own readiness).
+
+/metrics carries what the service costs too (CPU seconds, messages handled; see
+:mod:`posflow.cost`)."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+
+from posflow.cost import Handled, cost_registry, exposition
 
 __all__ = ["Route", "start_http"]
 
@@ -21,13 +26,17 @@ async def start_http(
     routes: Iterable[Route] = (),
     *,
     ready_detail: Callable[[], Mapping[str, object]] | None = None,
+    handled: Handled | None = None,
 ) -> web.AppRunner:
     """Serve the endpoints (and ``routes``: ``(method, path, handler)``) until the returned
     runner is cleaned up. ``ready_detail()``, when given, adds its fields to /readyz's body
-    (e.g. why the last configuration reload was refused)."""
+    (e.g. why the last configuration reload was refused). /metrics serves ``registry`` and
+    the process's CPU and memory, plus ``posflow_messages_handled_total`` when ``handled``
+    says which of the service's counters count its messages."""
+    cost = cost_registry(registry, handled)
 
     async def metrics(_: web.Request) -> web.Response:
-        body = generate_latest(registry)
+        body = exposition(registry, cost)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_: web.Request) -> web.Response:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
+from posflow.cost import Handled
 from posflow.http import Route, start_http
 
 __all__ = [
@@ -112,6 +113,8 @@ class Endpoints:
     routes: Iterable[Route] = ()
     # Extra fields of /readyz's body (see posflow.http.start_http).
     ready_detail: Callable[[], Mapping[str, object]] | None = None
+    # Which counters are the service's messages (posflow_messages_handled_total; posflow.cost).
+    handled: Handled | None = None
 
 
 async def run_service(
@@ -135,6 +138,7 @@ async def run_service(
         endpoints.ready,
         endpoints.routes,
         ready_detail=endpoints.ready_detail,
+        handled=endpoints.handled,
     )
     log.info("%s: metrics on http://%s:%d/metrics", name, endpoints.host, endpoints.port)
     try:

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from posflow.contracts import Battery, Location, Printer, Signal, Status, Telemetry, Transaction
+import orjson
+
+from posflow.contracts import Transaction
 from simulator.behaviour import TerminalState
 from simulator.fleet import CATEGORIES, Fleet, Terminal
 from simulator.scenarios import Scenario, Scheduled, scheduled
@@ -50,6 +52,14 @@ class Message:
 
 def _iso(epoch: float) -> datetime:
     return datetime.fromtimestamp(round(epoch, 3), UTC)
+
+
+def _json(doc: dict[str, Any]) -> bytes:
+    """A payload as the contract model serialises it (same field order, ``null`` for an
+    absent optional field, a UTC time with ``Z``), without building the model: telemetry
+    and status are most of what a fleet sends. tests/unit/test_simulator.py checks every
+    payload of a run against its model, value and byte for byte."""
+    return orjson.dumps(doc, option=orjson.OPT_UTC_Z)
 
 
 class Run:
@@ -121,7 +131,10 @@ class Run:
             self._order += 1
 
     def _active(self, i: int, t: float, kind: str) -> Scheduled | None:
-        for s in self._faults_of.get(i, ()):
+        faults = self._faults_of.get(i)
+        if faults is None:  # most terminals: no fault scheduled at all
+            return None
+        for s in faults:
             if s.fault.kind == kind and s.active(t):
                 return s
         return None
@@ -159,7 +172,7 @@ class Run:
     def done(self) -> bool:
         return not self._heap
 
-    # --- message builders (every payload through the contract models) -------------------
+    # --- message builders (payloads exactly as the contract models write them) ----------
 
     def _emit(
         self,
@@ -189,11 +202,11 @@ class Run:
 
     def _status(self, st: TerminalState, at: float, state: str, seq: int) -> bytes:
         t = st.terminal
-        return Status(
-            v=1, kind="status", merchant_id=t.merchant.merchant_id, terminal_id=t.terminal_id,
-            ts=self._ts(st, at), seq=seq, state=state,  # type: ignore[arg-type]
-            reason="last will" if state == "offline" else None,
-        ).model_dump_json().encode()  # fmt: skip
+        return _json({
+            "v": 1, "kind": "status", "merchant_id": t.merchant.merchant_id,
+            "terminal_id": t.terminal_id, "ts": self._ts(st, at), "seq": seq, "state": state,
+            "reason": "last will" if state == "offline" else None,
+        })  # fmt: skip
 
     def _online(self, st: TerminalState, at: float) -> Message:
         t = st.terminal
@@ -241,41 +254,43 @@ class Run:
         strength = st.drift_signal(self.telemetry_s)
         lost = self._active(i, at, "signal_loss") is not None
         dropout = st.rng.random() < 0.02 and st.poor_coverage and self.baseline_failures
+        carrier: str | None = t.carrier
+        rssi = rsrp = sinr = wifi = None
         if lost or dropout:
-            signal = Signal(type="none", carrier=t.carrier if t.network != "ethernet" else None)
+            net = "none"
+            carrier = carrier if t.network != "ethernet" else None
         elif t.network in ("lte", "5g"):
+            net = t.network
             rsrp = max(-156, min(-31, round(strength)))
-            signal = Signal(type=t.network, rsrp_dbm=rsrp, rssi_dbm=max(-150, min(0, rsrp + 22)),  # type: ignore[arg-type]
-                            sinr_db=round(max(-20.0, min(40.0, (rsrp + 125) / 2.5)), 1),
-                            carrier=t.carrier)  # fmt: skip
+            rssi = max(-150, min(0, rsrp + 22))
+            sinr = round(max(-20.0, min(40.0, (rsrp + 125) / 2.5)), 1)
         elif t.network == "3g":
-            signal = Signal(
-                type="3g", rssi_dbm=max(-150, min(0, round(strength))), carrier=t.carrier
-            )
+            net, rssi = "3g", max(-150, min(0, round(strength)))
         elif t.network == "wifi":
-            signal = Signal(type="wifi", wifi_rssi_dbm=max(-100, min(0, round(strength))))
+            net, carrier, wifi = "wifi", None, max(-100, min(0, round(strength)))
         else:
-            signal = Signal(type="ethernet")
+            net, carrier = "ethernet", None
         lat, lon = t.lat, t.lon
         if (moved := self._active(i, at, "terminal_moved")) is not None:
             km = float(moved.fault.params.get("distance_km", 25))
             lat, lon = lat + km / 111.0, lon + km / 111.0
         paper = "out" if self._active(i, at, "printer_out_of_paper") else "ok"
         seq = st.next_seq()
-        body = Telemetry(
-            v=1, kind="telemetry", merchant_id=t.merchant.merchant_id, terminal_id=t.terminal_id,
-            ts=self._ts(st, at), seq=seq,
-            battery=Battery(level_pct=int(st.level), charging=charging,
-                            temperature_c=st.temperature(charging, heat),
-                            health="poor" if failing else st.battery_health()),  # type: ignore[arg-type]
-            signal=signal,
-            printer=Printer(paper=paper),  # type: ignore[arg-type]
-            location=Location(lat=round(lat, 6), lon=round(lon, 6),
-                              accuracy_m=round(st.rng.uniform(5, 30), 1)),
-            app_version=_APP, firmware_version=_FW, uptime_s=int(at) + 3600,
-            tamper=self._active(i, at, "tamper") is not None,
-            heartbeat_interval_s=self.telemetry_s,
-        ).model_dump_json().encode()  # fmt: skip
+        body = _json({
+            "v": 1, "kind": "telemetry", "merchant_id": t.merchant.merchant_id,
+            "terminal_id": t.terminal_id, "ts": self._ts(st, at), "seq": seq,
+            "battery": {"level_pct": int(st.level), "charging": charging,
+                        "temperature_c": st.temperature(charging, heat),
+                        "health": "poor" if failing else st.battery_health()},
+            "signal": {"type": net, "rssi_dbm": rssi, "rsrp_dbm": rsrp, "sinr_db": sinr,
+                       "wifi_rssi_dbm": wifi, "carrier": carrier},
+            "printer": {"paper": paper},
+            "location": {"lat": round(lat, 6), "lon": round(lon, 6),
+                         "accuracy_m": round(st.rng.uniform(5, 30), 1)},
+            "app_version": _APP, "firmware_version": _FW, "uptime_s": int(at) + 3600,
+            "tamper": self._active(i, at, "tamper") is not None,
+            "heartbeat_interval_s": self.telemetry_s,
+        })  # fmt: skip
         return self._emit(st, at, "telemetry", body, seq)
 
     def _schedule_txn(self, st: TerminalState, at: float) -> None:

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ProcSample", "children_of", "sample"]
+__all__ = ["ProcSample", "backends_of", "children_of", "sample", "works_for"]
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -51,3 +51,27 @@ def children_of(pid: int) -> list[int]:
         if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
             out.append(int(entry.name))
     return out
+
+
+def backends_of(postmaster: int, database: str) -> list[int]:
+    """PostgreSQL's processes that work for ``database``: the postmaster, its background
+    processes (checkpointer, WAL writer, TimescaleDB's workers, ...) and the client
+    backends connected to that database, not those of other databases on the server."""
+    out = []
+    for pid in children_of(postmaster):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if pid == postmaster or works_for(cmdline, database):
+            out.append(pid)
+    return out
+
+
+def works_for(cmdline: bytes, database: str) -> bool:
+    """Whether a PostgreSQL child process (its ``/proc/<pid>/cmdline``) works for
+    ``database``: a server process does, a client backend only for its own database."""
+    words = cmdline.replace(b"\0", b" ").split()
+    # A client backend: "postgres: <user> <database> <host>(<port>) <state>".
+    client = len(words) >= 4 and (b"(" in words[3] or words[3].startswith(b"[local]"))
+    return not client or words[2].decode(errors="replace") == database

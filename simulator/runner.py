@@ -107,8 +107,7 @@ async def drive(  # noqa: PLR0912, PLR0915 - one paced loop, then the drain
         while not (stopped := stop is not None and stop.is_set()):
             now = time.monotonic()
             sim = (now - start) * speed
-            for msg in run.until(sim):
-                fan.send(msg)
+            fan.send_many(run.until(sim))
             while starts and starts[-1][0] <= sim:
                 _, kind, hit = starts.pop()
                 if metrics is not None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from posflow.cost import Handled
 from posflow.errors import PosflowError
 from posflow.http import start_http
 from posflow.runtime import install_stop_signals
@@ -51,7 +52,8 @@ async def serve_metrics(
     when ``required`` (``posflow simulate``; the load test carries on without)."""
     s = settings.services
     try:
-        return await start_http(s.bind_host, s.simulator, metrics.registry, ready)
+        handled = Handled("simulator", ("posflow_sim_published",))
+        return await start_http(s.bind_host, s.simulator, metrics.registry, ready, handled=handled)
     except OSError as exc:
         if required:
             raise PosflowError(

@@ -25,6 +25,7 @@ from typing import Any
 import faust
 import orjson
 
+from posflow.cost import Handled
 from posflow.kafkalag import ConsumerLag
 from posflow.security.tls import kafka_ssl_options, postgres_dsn
 from posflow.settings import Settings
@@ -198,6 +199,7 @@ def build(settings: Settings) -> HealthApp:
             settings.services.streams,
             metrics.registry,
             lambda: True,
+            handled=Handled("health", ("posflow_streams_events",)),
         )
 
     return health

@@ -24,6 +24,7 @@ import psycopg
 from aiokafka import AIOKafkaProducer
 
 from posflow.contracts.money import IntegrityEvent
+from posflow.cost import Handled
 from posflow.kafkalag import ConsumerLag
 from posflow.runtime import Endpoints, Service, cancel_tasks
 from posflow.security.tls import kafka_ssl_options, postgres_dsn
@@ -180,5 +181,10 @@ def build(
     clients)."""
     worker = SettlementWorker(settings, SettlementMetrics(), on_committed=on_committed)
     s = settings.services
-    endpoints = Endpoints(s.bind_host, s.settlement, worker.metrics.registry, worker.is_ready)
+    handled = Handled(
+        "settlement", ("posflow_settlement_records", "posflow_settlement_invalid_records")
+    )
+    endpoints = Endpoints(
+        s.bind_host, s.settlement, worker.metrics.registry, worker.is_ready, handled=handled
+    )
     return Service("settlement worker", endpoints, worker.run)

@@ -29,6 +29,11 @@ class SettlementMetrics:
         self.flagged = Counter(
             "posflow_settlement_flagged", "transactions recorded, not applied", registry=r
         )
+        self.records = Counter(
+            "posflow_settlement_records",
+            "payment records decided: new ledger rows, replays, quarantined (posflow.cost)",
+            registry=r,
+        )
         self.invalid = Counter(
             "posflow_settlement_invalid_records", "records sent to the dead-letter topic",
             ["reason"], registry=r,
@@ -67,6 +72,7 @@ class SettlementMetrics:
         """One committed ledger batch: what it wrote, and how long its payments took."""
         self.batch_seconds.observe(seconds)
         self.last_batch.set(time.time())
+        self.records.inc(result.applied + result.duplicates + len(result.quarantined))
         self.duplicates.inc(result.duplicates)
         self.quarantined.inc(len(result.quarantined))
         self.flagged.inc(len(result.flagged))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from posflow.cost import Handled
 from posflow.runtime import Endpoints, Service
 from posflow.settings import Settings
 from streams.rawsink.metrics import RawSinkMetrics
@@ -16,5 +17,8 @@ def build(settings: Settings) -> Service:
     (aiokafka clients)."""
     sink = RawSink(settings, RawSinkMetrics())
     s = settings.services
-    endpoints = Endpoints(s.bind_host, s.rawsink, sink.metrics.registry, sink.is_ready)
+    endpoints = Endpoints(
+        s.bind_host, s.rawsink, sink.metrics.registry, sink.is_ready,
+        handled=Handled("rawsink", ("posflow_rawsink_batch_records",)),
+    )  # fmt: skip
     return Service("raw sink", endpoints, sink.run)

@@ -72,7 +72,18 @@ def test_a_small_load_run_accounts_for_every_message_to_kafka_and_the_database(
     latency = db["latency_publish_to_database_ms"]
     assert latency["n"] >= db["stored_rows"], latency  # each row observed (a replay again)
     assert latency["p99_le"] is not None, latency
+    # The cost table: every posflow stage's CPU over the messages it handled, and the sum.
+    cost = report["cost"]
+    stages = {r["process"]: r for r in cost["stages"]}
+    assert {"ingest", "health", "raw sink", "settlement", "alerts"} <= stages.keys(), stages
+    assert {"kafka", "mosquitto", "postgres", "simulator"} <= stages.keys(), stages
+    assert stages["ingest"]["messages_handled"] >= a["sent"] - a["duplicates_expected"], stages
+    for stage in ("ingest", "health", "raw sink", "settlement", "alerts"):
+        assert stages[stage]["messages_handled"] > 0, stages[stage]
+        assert stages[stage]["cpu_us_per_message_handled"] > 0, stages[stage]
+    assert cost["posflow_cpu_us_per_telemetry_message"] > 0, cost
     markdown = (tmp_path / "small.md").read_text()
+    assert "## Cost per message" in markdown
     assert "| **lost** | **0** |" in markdown
     assert "| **lost before the database** | **0** |" in markdown
     assert "lost before the database [bold]" not in done.stdout  # rich rendered the markup

@@ -15,7 +15,14 @@ import pytest
 from prometheus_client import generate_latest
 
 from cli.main import main as cli_main
-from posflow.contracts import Accepted, Rejected, validate_message
+from posflow.contracts import (
+    Accepted,
+    Rejected,
+    Status,
+    Telemetry,
+    Transaction,
+    validate_message,
+)
 from posflow.contracts.money import FeePlan, SettlementRule
 from posflow.errors import PosflowError
 from posflow.settings import ServicePorts, Settings
@@ -96,6 +103,34 @@ def test_every_message_gets_the_verdict_the_simulator_expects_from_the_bridge() 
         assert verdicts[f"dl:{reason}"] > 0, reason
     assert verdicts["dup"] > 0
     assert verdicts["ok"] > 3 * sum(v for k, v in verdicts.items() if k != "ok")
+
+
+def test_every_payload_is_byte_for_byte_what_its_contract_model_writes() -> None:
+    """Telemetry and status are written without building the model (cheaper): each must
+    still validate and serialise back to the very same bytes, in every fault's variant."""
+    kinds = ("battery_failure", "signal_loss", "terminal_moved", "printer_out_of_paper",
+             "tamper", "clock_skew", "terminal_offline")  # fmt: skip
+    plan = Scenario(
+        name="all", faults=[Fault(kind=k, at_s=60, target=Target(count=8)) for k in kinds]
+    )
+    fleet = build_fleet(60, seed=5, name="b", at=T0)
+    messages = Run(fleet, t0=T0, duration_s=900, telemetry_s=10, scenario=plan).all()
+    models: dict[str, type[Telemetry | Status | Transaction]] = {
+        "telemetry": Telemetry, "status": Status, "txn": Transaction,
+    }  # fmt: skip
+    checked: Counter[str] = Counter()
+    networks: set[str] = set()
+    for m in messages:
+        if m.expect != "ok" or not m.payload:
+            continue
+        model = models[m.kind].model_validate_json(m.payload)
+        assert model.model_dump_json().encode() == m.payload, m.payload[:200]
+        if isinstance(model, Telemetry):
+            networks.add(model.signal.type)
+        checked[m.kind] += 1
+    assert checked["telemetry"] > 2000
+    assert checked["status"] > 60
+    assert networks >= {"lte", "wifi", "ethernet", "none"}, networks
 
 
 def test_a_card_number_never_leaves_the_dead_letter_unredacted() -> None:
