@@ -24,6 +24,7 @@ from typing import Any
 
 import faust
 import orjson
+from faust.serializers.codecs import Codec
 
 from posflow.kafkalag import ConsumerLag
 from posflow.security.tls import kafka_ssl_options, postgres_dsn
@@ -32,9 +33,10 @@ from posflow.topics import rekeyed_txn_topic, topic_names
 from streams.health import HealthApp
 from streams.metrics import StreamMetrics
 from streams.sink import HealthSink
+from streams.state import decode_state, encode_state
 from streams.window import WindowConfig
 
-__all__ = ["FlushBeforeCommit", "build", "run", "run_worker"]
+__all__ = ["FlushBeforeCommit", "StateCodec", "build", "run", "run_worker"]
 
 log = logging.getLogger("posflow.streams")
 
@@ -57,6 +59,17 @@ class FlushBeforeCommit(faust.Sensor):
     def on_commit_initiated(self, consumer: Any) -> Any:
         self.health.flush_dirty(self.table)
         return super().on_commit_initiated(consumer)
+
+
+class StateCodec(Codec):
+    """The table's changelog codec: typed state in the compact form of streams/state.py;
+    reads the previous worker's JSON objects too (see :func:`~streams.state.decode_state`)."""
+
+    def _dumps(self, obj: Any) -> bytes:
+        return encode_state(obj)
+
+    def _loads(self, s: bytes) -> Any:
+        return decode_state(s)
 
 
 def build(settings: Settings) -> HealthApp:
@@ -103,13 +116,17 @@ def build(settings: Settings) -> HealthApp:
     )
     health_out = app.topic(topics.health, key_serializer="raw", value_serializer="raw")
     deadletters = app.topic(topics.deadletter, key_serializer="raw", value_serializer="raw")
-    table = app.Table(
+    table: Any = app.Table(
         "terminal-state",
         key_type=bytes,
         default=None,
         partitions=k.default_partitions,
         use_partitioner=True,  # the timer writes too; keys hash like the source topics'
     )
+    # Typed state in the changelog, in a compact form: faust made the changelog topic with
+    # its JSON codec already, so it is made again with this one (before anything started).
+    table.value_serializer = StateCodec()
+    table.changelog_topic = table._new_changelog_topic()
     metrics = StreamMetrics()
     cfg = WindowConfig(
         window_s=s.window_s,
@@ -173,8 +190,10 @@ def build(settings: Settings) -> HealthApp:
 
     @app.timer(s.sink_flush_s)
     async def flush() -> None:
-        if health.sink.pending():
-            await asyncio.to_thread(health.sink.flush)
+        health.write_provisional()
+        rows = health.sink.take()
+        if rows:
+            await asyncio.to_thread(health.sink.write, rows)
 
     # faust's position is its fetcher's (a little ahead of the agents); close enough for lag.
     lag = ConsumerLag(metrics.registry, s.app_id)
