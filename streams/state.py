@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from operator import attrgetter
 from typing import Any
 
 import orjson
@@ -134,19 +135,19 @@ def new_state(terminal_id: str, merchant_id: str) -> TerminalState:
 
 _WINDOW_FIELDS = Window.__slots__
 _READING_FIELDS = Readings.__slots__
+_window_values = attrgetter(*_WINDOW_FIELDS)  # a tuple of the fields, in C
+_reading_values = attrgetter(*_READING_FIELDS)
 
 
 def encode_state(s: TerminalState) -> bytes:
     """The compact changelog form: a JSON array, fields in declaration order."""
-    c = s.current
     return orjson.dumps(
         [
             FORMAT, s.terminal_id, s.merchant_id, s.closed_upto, s.watermark, s.last_heard,
             s.online, s.offline_reason, s.heartbeat_s, s.late, s.max_seq, s.status_seq,
             s.offline_by, s.silent_seq, s.seqs, s.txns, s.battery_hist,
-            [getattr(c, name) for name in _READING_FIELDS],
-            [[start, *(getattr(w, name) for name in _WINDOW_FIELDS)]
-             for start, w in s.windows.items()],
+            _reading_values(s.current),
+            [(start, _window_values(w)) for start, w in s.windows.items()],
             s.status_changed_at, s.health_score,
         ]
     )  # fmt: skip
@@ -166,7 +167,7 @@ def decode_state(data: bytes) -> TerminalState:
     ) = value  # fmt: skip
     return TerminalState(
         terminal_id, merchant_id,
-        windows={w[0]: Window(*w[1:]) for w in windows},
+        windows={start: Window(*values) for start, values in windows},
         closed_upto=closed_upto, watermark=watermark, last_heard=last_heard, online=online,
         offline_reason=offline_reason, heartbeat_s=heartbeat_s, late=late, max_seq=max_seq,
         status_seq=status_seq, offline_by=OfflineBy(offline_by) if offline_by else None,
