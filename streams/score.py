@@ -21,6 +21,7 @@ component below 70 adds a reason a person can act on.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 __all__ = ["HealthScore", "WindowFacts", "score"]
 
@@ -37,9 +38,13 @@ _SIGNAL_SCALE = {
 _PRINTER = {"ok": 100, "low": 70, "out": 0, "jammed": 0, "absent": 100}
 
 
-@dataclass(frozen=True)
-class WindowFacts:
-    """What one window says about a terminal (inputs of the score)."""
+class WindowFacts(NamedTuple):
+    """What one window says about a terminal (inputs of the score).
+
+    A named tuple, not a frozen dataclass: just as immutable, and built for every
+    provisional record, where a frozen dataclass's field-by-field ``__init__`` cost
+    more than the score itself.
+    """
 
     signal_type: str | None = None
     signal_avg_dbm: float | None = None
