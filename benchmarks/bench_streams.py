@@ -357,7 +357,10 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=5_000)
     parser.add_argument("--seconds", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=1, help="throughput rounds, paired")
-    parser.add_argument("--before", type=Path, help="another checkout, measured alongside")
+    parser.add_argument(
+        "--before", type=Path, action="append", default=[],
+        help="another checkout, measured alongside (repeatable)",
+    )  # fmt: skip
     parser.add_argument("--paced-rate", type=int, default=0, help="0: no paced phase")
     parser.add_argument("--paced-seconds", type=int, default=30)
     parser.add_argument("--paced-terminals", type=int, default=10_000)
@@ -376,7 +379,10 @@ def main() -> None:
         f" run {run}",
         flush=True,
     )
-    roots = {"this": ROOT} | ({"before": args.before.resolve()} if args.before else {})
+    roots = {"this": ROOT} | {
+        f"before {path.name}" if len(args.before) > 1 else "before": path.resolve()
+        for path in args.before
+    }
     try:
         # --- throughput, paired with faust's no-op agent --------------------------------
         prefix = f"bs{run}"
@@ -388,7 +394,7 @@ def main() -> None:
                   " an event", flush=True)  # fmt: skip
             order = list(roots.items()) if r % 2 == 0 else list(roots.items())[::-1]
             for name, root in order:
-                env = _env(prefix, db, f"bench-{run}-{name}-{r}", 19500)
+                env = _env(prefix, db, f"bench-{run}-{name.replace(' ', '-')}-{r}", 19500)
                 wrate, wcpu = _throughput(root, env, 19500, args.events)
                 print(
                     f"round {r + 1}: health worker ({name}: {root}): {wrate:,.0f} events/s"
@@ -399,7 +405,7 @@ def main() -> None:
         # --- CPU an event at a steady rate ----------------------------------------------
         if args.paced_rate:
             for name, root in roots.items():
-                cpu = _paced(root, base, db, run, args, tag=name[:2])
+                cpu = _paced(root, base, db, run, args, tag=f"{len(name)}{name[-2:]}")
                 print(
                     f"paced ({name}): {args.paced_rate} events/s for {args.paced_seconds} s,"
                     f" {args.paced_terminals} terminals: {cpu:.0f} µs CPU an event",
@@ -410,7 +416,7 @@ def main() -> None:
             idle = _settings(base, f"bi{run}")
             _load(idle, args.idle_terminals, args.idle_terminals, 30.0)
             for name, root in roots.items():
-                online, offline = _idle(root, idle, db, run, args, tag=name[:2])
+                online, offline = _idle(root, idle, db, run, args, tag=f"{len(name)}{name[-2:]}")
                 print(
                     f"idle ({name}): {args.idle_terminals} terminals known, none talking,"
                     f" {args.idle_seconds} s each: {online:.1%} of a core while online with"

@@ -45,5 +45,5 @@ async def count(stream: Any) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], "worker", "-l", "warn"]
+    sys.argv = [sys.argv[0], "worker", "-l", "warn", "--without-web"]  # no port to share
     app.main()
