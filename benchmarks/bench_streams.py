@@ -1,17 +1,28 @@
-"""Health workers: events/s through one worker, and MQTT publish -> health row latency.
+"""Health workers: events/s and CPU an event through one worker, idle cost, and latency.
 
-Runs against the local stack with its own topics, app id and database.
+Runs against the local stack with its own topics, app ids and database. Every phase
+can measure a second checkout (``--before /path/to/checkout``, e.g. a git worktree of
+main) on the same topic in the same run, alternating with this one.
 
-  throughput  N telemetry envelopes are loaded into Kafka first; one worker is
-              started and timed from its first processed event to its N-th
-              (read from its /metrics).
+  throughput  N telemetry envelopes are loaded into Kafka first; a faust agent that
+              only counts them (faust_baseline.py), then each worker, is timed from
+              its first processed event to its N-th (read from its /metrics); CPU is
+              the process's utime + stime from /proc over the same span.
+  paced       telemetry produced straight into Kafka at --paced-rate for
+              --paced-seconds (--paced-terminals, event time = send time); the
+              worker's CPU over the span, per event.
+  idle        --idle-terminals terminals send one reading each; once the worker has
+              them, its CPU over --idle-seconds while nobody talks: first while they
+              are online with open windows, then after they went offline.
   latency     the real path: terminals publish over MQTT at --rate msgs/s for
-              --seconds; one ingest bridge and one health worker run; the
-              worker's histogram of "terminal timestamp -> health row committed"
-              gives the percentiles (bucket resolution).
+              --seconds; one ingest bridge and one health worker run; the worker's
+              histogram of "terminal timestamp -> health row committed" gives the
+              percentiles (bucket resolution).
 
 Usage:
-  .venv/bin/python benchmarks/bench_streams.py --events 100000 --rate 5000 --seconds 30
+  .venv/bin/python benchmarks/bench_streams.py --events 100000 --rate 2000 --seconds 20
+  .venv/bin/python benchmarks/bench_streams.py --before /work/main --rounds 2 \\
+      --paced-rate 3000 --idle-terminals 50000 --skip-latency
 """
 
 from __future__ import annotations
@@ -26,25 +37,28 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import psycopg
+from aiokafka import AIOKafkaProducer
 from paho.mqtt.enums import CallbackAPIVersion
 from psycopg import sql
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import preload_telemetry  # noqa: E402 - after sys.path
+from posflow.contracts import Accepted, validate_message  # noqa: E402 - after sys.path
 from posflow.settings import KafkaSettings, Settings  # noqa: E402
 from posflow.stack import ensure_topics  # noqa: E402
 from posflow.storage.databases import create_database  # noqa: E402
 from tests.unit import samples  # noqa: E402
 
 TIME_LIMIT_S = 300
+_TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _payload(merchant: str, terminal: str, seq: int, ts: float) -> dict[str, Any]:
@@ -55,6 +69,18 @@ def _payload(merchant: str, terminal: str, seq: int, ts: float) -> dict[str, Any
         seq=seq,
         ts=datetime.fromtimestamp(ts, UTC).isoformat(),
     )
+
+
+def _envelope(merchant: str, terminal: str, seq: int, ts: float) -> bytes:
+    """The Kafka record the bridge would write for that payload."""
+    result = validate_message(
+        f"pos/v1/{merchant}/{terminal}/telemetry",
+        json.dumps(_payload(merchant, terminal, seq, ts)).encode(),
+        received_at=datetime.now(UTC),
+        mqtt_mid=1,
+    )
+    assert isinstance(result, Accepted)  # noqa: S101
+    return result.envelope.to_json()
 
 
 def _metric(port: int, name: str) -> dict[str, float]:
@@ -76,11 +102,183 @@ def _events(port: int) -> float:
     return sum(v for k, v in _metric(port, "posflow_streams_events_total").items())
 
 
-def _worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
+def _cpu_s(pid: int) -> float:
+    """utime + stime of a process (all its threads), seconds, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _worker(root: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`posflow streams worker` of the checkout at ``root``."""
     return subprocess.Popen(
         [sys.executable, "-m", "cli", "streams", "worker"],
-        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**env, "PYTHONPATH": str(root)}, cwd=root,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def _produce(settings: Settings, records: Iterator[tuple[bytes, bytes]]) -> None:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka.bootstrap, acks="all", linger_ms=20,
+        max_batch_size=512 * 1024,
+    )  # fmt: skip
+    await producer.start()
+    try:
+        topic = f"{settings.kafka.topic_prefix}.telemetry.v1"
+        for key, value in records:
+            await producer.send(topic, value, key=key)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+def _load(settings: Settings, count: int, terminals: int, spacing_s: float) -> None:
+    """``count`` readings of ``terminals`` terminals, each every ``spacing_s`` of event time,
+    ending about now."""
+    now = time.time()
+    base = now - count // terminals * spacing_s
+
+    def records() -> Iterator[tuple[bytes, bytes]]:
+        for i in range(count):
+            terminal = f"T-{i % terminals:05d}"
+            ts = base + (i // terminals) * spacing_s
+            yield terminal.encode(), _envelope("M-bench", terminal, i, ts)
+
+    asyncio.run(_produce(settings, records()))
+
+
+def _settings(base: Settings, prefix: str) -> Settings:
+    kafka = KafkaSettings(**{**base.kafka.model_dump(), "topic_prefix": prefix})
+    settings = base.model_copy(update={"kafka": kafka})
+    asyncio.run(ensure_topics(settings))
+    return settings
+
+
+def _env(prefix: str, db: str, app_id: str, port: int) -> dict[str, str]:
+    return {
+        **os.environ, "POSFLOW_KAFKA__TOPIC_PREFIX": prefix, "POSFLOW_POSTGRES__DATABASE": db,
+        "POSFLOW_STREAMS__APP_ID": app_id, "POSFLOW_SERVICES__STREAMS": str(port),
+    }  # fmt: skip
+
+
+def _wait_events(port: int, proc: subprocess.Popen[bytes], want: float) -> None:
+    deadline = time.monotonic() + TIME_LIMIT_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        if _events(port) >= want:
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"the worker processed {_events(port):.0f} of {want:.0f} events")
+
+
+def _throughput(root: Path, env: dict[str, str], port: int, events: int) -> tuple[float, float]:
+    """events/s and CPU µs an event of one worker draining the preloaded topic."""
+    proc = _worker(root, env)
+    try:
+        deadline = time.monotonic() + TIME_LIMIT_S
+        first: tuple[float, float, float] | None = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            seen = _events(port)
+            if seen and first is None:
+                first = (time.monotonic(), _cpu_s(proc.pid), seen)
+            if seen >= events:
+                break
+            time.sleep(0.1)
+        done, cpu = time.monotonic(), _cpu_s(proc.pid)
+        if first is None or _events(port) < events:
+            raise SystemExit(f"worker of {root} did not process {events} events")
+        counted = events - first[2]
+        return counted / (done - first[0]), (cpu - first[1]) / counted * 1e6
+    finally:
+        _stop(proc)
+
+
+def _baseline(settings: Settings, prefix: str, events: int) -> tuple[float, float]:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "faust_baseline.py"),
+         f"{prefix}.telemetry.v1", str(events), settings.kafka.bootstrap],
+        cwd=ROOT, capture_output=True, text=True, timeout=TIME_LIMIT_S, check=False,
+    )  # fmt: skip
+    # faust sends what its agents print to its log (stderr).
+    found = re.search(r"BASELINE (\d+) (\d+)", result.stdout + result.stderr)
+    if not found:
+        raise SystemExit(f"the faust baseline failed: {result.stderr[-2000:]}")
+    return float(found.group(1)), float(found.group(2))
+
+
+def _paced(
+    root: Path, base: Settings, db: str, run: str, args: argparse.Namespace, *, tag: str
+) -> float:
+    """CPU µs an event of a worker fed at a steady rate (event time = send time)."""
+    prefix = f"bp{run}{tag}"
+    settings = _settings(base, prefix)
+    port = 19503
+    proc = _worker(root, _env(prefix, db, f"benchpaced-{run}-{tag}", port))
+    try:
+        rate, terminals = args.paced_rate, args.paced_terminals
+        total = rate * args.paced_seconds
+        start = time.time() + 20  # envelopes built first, the worker assigned meanwhile
+        values = [
+            (f"T-{i % terminals:05d}".encode(),
+             _envelope("M-paced", f"T-{i % terminals:05d}", i, start + i / rate))
+            for i in range(total)
+        ]  # fmt: skip
+        time.sleep(max(0.0, start - time.time()))
+
+        async def paced() -> None:
+            producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap, linger_ms=5)
+            await producer.start()
+            try:
+                began = time.monotonic()
+                for i, (key, value) in enumerate(values):
+                    await producer.send(f"{prefix}.telemetry.v1", value, key=key)
+                    if i % 50 == 0:
+                        ahead = began + i / rate - time.monotonic()
+                        if ahead > 0:
+                            await asyncio.sleep(ahead)
+                await producer.flush()
+            finally:
+                await producer.stop()
+
+        cpu0 = _cpu_s(proc.pid)
+        asyncio.run(paced())
+        _wait_events(port, proc, total)
+        time.sleep(0.5)  # its last flush
+        return float((_cpu_s(proc.pid) - cpu0) / total * 1e6)
+    finally:
+        _stop(proc)
+
+
+def _idle(
+    root: Path, settings: Settings, db: str, run: str, args: argparse.Namespace, *, tag: str
+) -> tuple[float, float]:
+    """Share of a core over --idle-seconds with --idle-terminals known and silent: while
+    online with open windows, then once all went offline."""
+    port = 19504
+    proc = _worker(root, _env(settings.kafka.topic_prefix, db, f"benchidle-{run}-{tag}", port))
+    try:
+        _wait_events(port, proc, args.idle_terminals)
+        heard = time.monotonic()
+        time.sleep(5)
+        cpu0, t0 = _cpu_s(proc.pid), time.monotonic()
+        time.sleep(args.idle_seconds)
+        online = (_cpu_s(proc.pid) - cpu0) / (time.monotonic() - t0)
+        # Offline after 3 x 30 s of silence, windows closed after 70 s: then idle again.
+        time.sleep(max(0.0, heard + 100 - time.monotonic()))
+        cpu0, t0 = _cpu_s(proc.pid), time.monotonic()
+        time.sleep(args.idle_seconds)
+        offline = (_cpu_s(proc.pid) - cpu0) / (time.monotonic() - t0)
+        return online, offline
+    finally:
+        _stop(proc)
 
 
 def _percentile(buckets: dict[str, float], q: float) -> str:
@@ -95,93 +293,26 @@ def _percentile(buckets: dict[str, float], q: float) -> str:
     return "n/a"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=100_000)
-    parser.add_argument("--terminals", type=int, default=2_000)
-    parser.add_argument("--rate", type=int, default=5_000)
-    parser.add_argument("--seconds", type=int, default=30)
-    args = parser.parse_args()
-
-    base = Settings()
-    run = secrets.token_hex(3)
-    db = f"bench_streams_{run}"
-    with psycopg.connect(base.postgres.dsn(), autocommit=True) as admin:
-        create_database(admin, db)
-    print(
-        f"# bench_streams {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, run {run}"
-    )
-    procs: list[subprocess.Popen[bytes]] = []
+def _latency(base: Settings, db: str, run: str, args: argparse.Namespace) -> None:
+    prefix2 = f"bl{run}"
+    _settings(base, prefix2)
+    port2, ingest_port = 19501, 19502
+    merchant = f"M-lat-{run}"
+    env2 = {
+        **_env(prefix2, db, f"benchlat-{run}", port2),
+        "POSFLOW_SERVICES__INGEST": str(ingest_port),
+        "POSFLOW_INGEST__CLIENT_ID": f"benchlat-{run}",
+        "POSFLOW_INGEST__SHARE_GROUP": f"benchlat{run}",
+        "POSFLOW_INGEST__TOPIC_FILTER": f"pos/v1/{merchant}/+/+",
+    }
+    procs = [
+        _worker(ROOT, env2),
+        subprocess.Popen(
+            [sys.executable, "-m", "cli", "ingest"], env=env2, cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ),
+    ]  # fmt: skip
     try:
-        # --- throughput -------------------------------------------------------------------
-        prefix = f"bs{run}"
-        settings = base.model_copy(
-            update={"kafka": KafkaSettings(**{**base.kafka.model_dump(), "topic_prefix": prefix})}
-        )
-        asyncio.run(ensure_topics(settings))
-        asyncio.run(
-            preload_telemetry(
-                settings.kafka.bootstrap, f"{prefix}.telemetry.v1", args.events, args.terminals
-            )
-        )
-        # Baseline in the same run: a faust agent that only counts the same events.
-        baseline = subprocess.run(
-            [sys.executable, str(ROOT / "benchmarks" / "faust_baseline.py"),
-             f"{prefix}.telemetry.v1", str(args.events), settings.kafka.bootstrap],
-            cwd=ROOT, capture_output=True, text=True, timeout=TIME_LIMIT_S, check=False,
-        )  # fmt: skip
-        # faust sends what its agents print to its log (stderr).
-        found = re.search(r"BASELINE (\d+)", baseline.stdout + baseline.stderr)
-        ceiling = f"{int(found.group(1)):,}" if found else "n/a"
-        print(f"baseline: a faust agent that only counts the same events: {ceiling} events/s")
-        port = 19500
-        env = {
-            **os.environ, "POSFLOW_KAFKA__TOPIC_PREFIX": prefix,
-            "POSFLOW_POSTGRES__DATABASE": db, "POSFLOW_STREAMS__APP_ID": f"bench-{run}",
-            "POSFLOW_SERVICES__STREAMS": str(port),
-        }  # fmt: skip
-        procs.append(_worker(env))
-        deadline = time.monotonic() + TIME_LIMIT_S
-        first = None
-        while time.monotonic() < deadline:
-            seen = _events(port)
-            if seen and first is None:
-                first = (time.monotonic(), seen)
-            if seen >= args.events:
-                break
-            time.sleep(0.1)
-        done = time.monotonic()
-        assert first is not None  # noqa: S101
-        rate = (args.events - first[1]) / (done - first[0])
-        print(
-            f"throughput: {args.events} telemetry events, {args.terminals} terminals, one worker:"
-            f" {rate:,.0f} events/s (first event to last, read from /metrics)"
-        )
-        procs.pop().terminate()
-
-        # --- latency: MQTT -> bridge -> Kafka -> worker -> database --------------------------
-        prefix2 = f"bl{run}"
-        settings2 = base.model_copy(
-            update={"kafka": KafkaSettings(**{**base.kafka.model_dump(), "topic_prefix": prefix2})}
-        )
-        asyncio.run(ensure_topics(settings2))
-        port2, ingest_port = 19501, 19502
-        merchant = f"M-lat-{run}"
-        env2 = {
-            **os.environ, "POSFLOW_KAFKA__TOPIC_PREFIX": prefix2,
-            "POSFLOW_POSTGRES__DATABASE": db, "POSFLOW_STREAMS__APP_ID": f"benchlat-{run}",
-            "POSFLOW_SERVICES__STREAMS": str(port2), "POSFLOW_SERVICES__INGEST": str(ingest_port),
-            "POSFLOW_INGEST__CLIENT_ID": f"benchlat-{run}",
-            "POSFLOW_INGEST__SHARE_GROUP": f"benchlat{run}",
-            "POSFLOW_INGEST__TOPIC_FILTER": f"pos/v1/{merchant}/+/+",
-        }  # fmt: skip
-        procs.append(_worker(env2))
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "cli", "ingest"], env=env2, cwd=ROOT,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-        )  # fmt: skip
         time.sleep(8)  # both connected and assigned
         m = base.mosquitto
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"benchpub-{run}")
@@ -211,16 +342,91 @@ def main() -> None:
             f"latency: {total} MQTT messages at {sent_rate:,.0f} msgs/s for {args.seconds} s,"
             f" {args.terminals} terminals; worker processed {processed:.0f};"
             f" terminal timestamp -> health row committed: p50 {_percentile(hist, 0.5)},"
-            f" p99 {_percentile(hist, 0.99)} (histogram bucket bounds)"
+            f" p99 {_percentile(hist, 0.99)} (histogram bucket bounds)",
+            flush=True,
         )
     finally:
         for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            _stop(proc)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--terminals", type=int, default=2_000)
+    parser.add_argument("--rate", type=int, default=5_000)
+    parser.add_argument("--seconds", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=1, help="throughput rounds, paired")
+    parser.add_argument(
+        "--before", type=Path, action="append", default=[],
+        help="another checkout, measured alongside (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--paced-rate", type=int, default=0, help="0: no paced phase")
+    parser.add_argument("--paced-seconds", type=int, default=30)
+    parser.add_argument("--paced-terminals", type=int, default=10_000)
+    parser.add_argument("--idle-terminals", type=int, default=0, help="0: no idle phase")
+    parser.add_argument("--idle-seconds", type=int, default=60)
+    parser.add_argument("--skip-latency", action="store_true")
+    args = parser.parse_args()
+
+    base = Settings()
+    run = secrets.token_hex(3)
+    db = f"bench_streams_{run}"
+    with psycopg.connect(base.postgres.dsn(), autocommit=True) as admin:
+        create_database(admin, db)
+    print(
+        f"# bench_streams {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores,"
+        f" run {run}",
+        flush=True,
+    )
+    roots = {"this": ROOT} | {
+        f"before {path.name}" if len(args.before) > 1 else "before": path.resolve()
+        for path in args.before
+    }
+    try:
+        # --- throughput, paired with faust's no-op agent --------------------------------
+        prefix = f"bs{run}"
+        settings = _settings(base, prefix)
+        _load(settings, args.events, args.terminals, 5.0)  # every 5 s of event time
+        for r in range(args.rounds):
+            rate, cpu = _baseline(settings, prefix, args.events)
+            print(f"round {r + 1}: faust no-op agent: {rate:,.0f} events/s, {cpu:.0f} µs CPU"
+                  " an event", flush=True)  # fmt: skip
+            order = list(roots.items()) if r % 2 == 0 else list(roots.items())[::-1]
+            for name, root in order:
+                env = _env(prefix, db, f"bench-{run}-{name.replace(' ', '-')}-{r}", 19500)
+                wrate, wcpu = _throughput(root, env, 19500, args.events)
+                print(
+                    f"round {r + 1}: health worker ({name}: {root}): {wrate:,.0f} events/s"
+                    f" ({wrate / rate:.0%} of the no-op agent), {wcpu:.0f} µs CPU an event;"
+                    f" {args.events} events, {args.terminals} terminals",
+                    flush=True,
+                )
+        # --- CPU an event at a steady rate ----------------------------------------------
+        if args.paced_rate:
+            for name, root in roots.items():
+                cpu = _paced(root, base, db, run, args, tag=f"{len(name)}{name[-2:]}")
+                print(
+                    f"paced ({name}): {args.paced_rate} events/s for {args.paced_seconds} s,"
+                    f" {args.paced_terminals} terminals: {cpu:.0f} µs CPU an event",
+                    flush=True,
+                )
+        # --- idle with many terminals known -----------------------------------------------
+        if args.idle_terminals:
+            idle = _settings(base, f"bi{run}")
+            _load(idle, args.idle_terminals, args.idle_terminals, 30.0)
+            for name, root in roots.items():
+                online, offline = _idle(root, idle, db, run, args, tag=f"{len(name)}{name[-2:]}")
+                print(
+                    f"idle ({name}): {args.idle_terminals} terminals known, none talking,"
+                    f" {args.idle_seconds} s each: {online:.1%} of a core while online with"
+                    f" open windows, {offline:.1%} once offline",
+                    flush=True,
+                )
+        # --- latency: MQTT -> bridge -> Kafka -> worker -> database ------------------------
+        if not args.skip_latency:
+            _latency(base, db, run, args)
+    finally:
         with psycopg.connect(base.postgres.dsn(), autocommit=True) as admin:
             admin.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db))

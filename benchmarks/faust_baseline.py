@@ -9,7 +9,8 @@ takes them). With it, every event updates a faust windowed table: a 60 s tumblin
 per terminal (the record key), event time from the telemetry's ``ts``, holding count, sum
 and min of the battery level, on the in-memory store with its changelog topic.
 
-Once EVENTS were consumed it prints "BASELINE <events/s>" and a ``FLOOR {json}`` line
+Once EVENTS were consumed it prints "BASELINE <events/s> <CPU µs an event>" and a
+``FLOOR {json}`` line
 (events/s and CPU µs an event from /proc, first event to last; benchmarks/_procstat.py),
 then exits.
 """
@@ -66,7 +67,7 @@ def _done(n: int) -> None:
     if n < args.events:
         return
     rate = between(first, mark(n))
-    print(f"BASELINE {rate.events_per_s:.0f}", flush=True)
+    print(f"BASELINE {rate.events_per_s:.0f} {rate.cpu_us_per_event:.0f}", flush=True)
     print(floor_line(rate), flush=True)
     os._exit(0)  # a measuring helper: no graceful shutdown needed
 

@@ -21,10 +21,12 @@ component below 70 adds a reason a person can act on.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 __all__ = ["HealthScore", "WindowFacts", "score"]
 
 WEIGHTS = {"signal": 0.3, "battery": 0.3, "txn": 0.3, "printer": 0.1}
+_W_SIGNAL, _W_BATTERY, _W_TXN, _W_PRINTER = WEIGHTS.values()
 
 _SIGNAL_SCALE = {
     "lte": (-120.0, -90.0),
@@ -36,9 +38,13 @@ _SIGNAL_SCALE = {
 _PRINTER = {"ok": 100, "low": 70, "out": 0, "jammed": 0, "absent": 100}
 
 
-@dataclass(frozen=True)
-class WindowFacts:
-    """What one window says about a terminal (inputs of the score)."""
+class WindowFacts(NamedTuple):
+    """What one window says about a terminal (inputs of the score).
+
+    A named tuple, not a frozen dataclass: just as immutable, and built for every
+    provisional record, where a frozen dataclass's field-by-field ``__init__`` cost
+    more than the score itself.
+    """
 
     signal_type: str | None = None
     signal_avg_dbm: float | None = None
@@ -117,42 +123,33 @@ def printer_score(f: WindowFacts) -> int:
 
 def score(f: WindowFacts) -> HealthScore:
     """The health score of one window, with components and reasons."""
-    parts = {
-        "signal": signal_score(f),
-        "battery": battery_score(f),
-        "txn": txn_score(f),
-        "printer": printer_score(f),
-    }
+    signal, battery, txn = signal_score(f), battery_score(f), txn_score(f)
+    printer = printer_score(f)
     reasons = []
     if not f.online:
         reasons.append("offline")
-    if parts["signal"] < 70:
+    if signal < 70:
         reasons.append(
             f"weak signal ({f.signal_type or 'none'}"
             + (f", {f.signal_avg_dbm:.0f} dBm" if f.signal_avg_dbm is not None else "")
             + (f", {f.dropouts} dropouts" if f.dropouts else "")
             + ")"
         )
-    if parts["battery"] < 70:
+    if battery < 70:
         detail = [f"{f.battery_level_pct}%"] if f.battery_level_pct is not None else []
         if f.drain_pct_per_hour is not None and f.drain_pct_per_hour > 20:
             detail.append(f"draining {f.drain_pct_per_hour:.0f}%/h")
         if f.battery_temp_c is not None and f.battery_temp_c > 45:
             detail.append(f"{f.battery_temp_c:.0f} °C")
         reasons.append(f"battery ({', '.join(detail)})")
-    if parts["txn"] < 70:
+    if txn < 70:
         reasons.append(
             f"transactions failing ({f.txn_failed} errors/timeouts, {f.txn_declined} declines "
             f"of {f.txn_total})"
         )
-    if parts["printer"] < 70:
+    if printer < 70:
         reasons.append(f"printer paper {f.printer_paper}")
-    total = 0 if not f.online else _clamp(sum(WEIGHTS[k] * v for k, v in parts.items()))
-    return HealthScore(
-        score=total,
-        signal=parts["signal"],
-        battery=parts["battery"],
-        txn=parts["txn"],
-        printer=parts["printer"],
-        reasons=reasons,
-    )
+    # The weighted sum in WEIGHTS' order (the same float arithmetic as summing them).
+    weighted = _W_SIGNAL * signal + _W_BATTERY * battery + _W_TXN * txn + _W_PRINTER * printer
+    total = _clamp(weighted) if f.online else 0
+    return HealthScore(total, signal, battery, txn, printer, reasons)

@@ -1,15 +1,20 @@
 """Health rows and terminal state into the database, in batches.
 
-Open windows are upserted as they fill (so a person sees a terminal's minute
-within a second), and their final record replaces them at close; the
-terminal's current state is upserted alongside. Every write is an upsert on
+Open windows are upserted as they fill, at the sink's cadence (so a person sees a
+terminal's minute within a second), and their final record replaces them at close;
+the terminal's current state is upserted alongside. Every write is an upsert on
 its key, so a replay after a worker restart writes the same rows again.
+
+:meth:`HealthSink.take` turns what is buffered into rows on the event loop's thread
+(the states are the worker's live objects, changed by the agents);
+:meth:`HealthSink.write` sends them, blocking, from a thread.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,8 +22,9 @@ import orjson
 import psycopg
 
 from streams.metrics import StreamMetrics
+from streams.state import TerminalState
 
-__all__ = ["HealthSink"]
+__all__ = ["HealthSink", "Rows"]
 
 
 def _ts(epoch: float) -> datetime:
@@ -60,31 +66,6 @@ _UPSERT_STATES = """
 """
 
 
-def _window_row(r: dict[str, Any]) -> tuple[Any, ...]:
-    c = r["components"]
-    return (
-        _ts(r["window_start"]), _ts(r["window_end"]), r["terminal_id"],
-        r["merchant_id"], r["score"], c["signal"], c["battery"], c["txn"],
-        c["printer"],
-        orjson.dumps({"final": r["final"], "reasons": r["reasons"],
-                      **r["facts"]}).decode(),
-    )  # fmt: skip
-
-
-def _state_row(s: dict[str, Any]) -> tuple[Any, ...]:
-    c = s.get("current", {})
-    changed = s.get("status_changed_at")
-    return (
-        s["terminal_id"], s["merchant_id"], s["online"],
-        _ts(s["watermark"] or s["last_heard"]),
-        _ts(changed) if changed else None,
-        c.get("battery"), c.get("charging"), c.get("signal_type"),
-        c.get("signal_dbm"), c.get("carrier"), c.get("printer"),
-        c.get("lat"), c.get("lon"), c.get("app_version"),
-        c.get("firmware_version"), s.get("health_score"),
-    )  # fmt: skip
-
-
 def _copy_then_upsert(
     conn: psycopg.Connection[tuple[Any, ...]],
     copy_sql: str,
@@ -99,12 +80,54 @@ def _copy_then_upsert(
         cur.execute(upsert_sql)
 
 
+def _window_row(r: dict[str, Any]) -> tuple[Any, ...]:
+    c = r["components"]
+    return (
+        _ts(r["window_start"]), _ts(r["window_end"]), r["terminal_id"], r["merchant_id"],
+        r["score"], c["signal"], c["battery"], c["txn"], c["printer"],
+        orjson.dumps({"final": r["final"], "reasons": r["reasons"], **r["facts"]}).decode(),
+    )  # fmt: skip
+
+
+def _state_row(s: TerminalState | Mapping[str, Any]) -> tuple[Any, ...]:
+    if isinstance(s, TerminalState):
+        c = s.current
+        changed = s.status_changed_at
+        return (
+            s.terminal_id, s.merchant_id, s.online, _ts(s.watermark or s.last_heard),
+            _ts(changed) if changed else None, c.battery, c.charging, c.signal_type,
+            c.signal_dbm, c.carrier, c.printer, c.lat, c.lon, c.app_version,
+            c.firmware_version, s.health_score,
+        )  # fmt: skip
+    m = s.get("current", {})  # a state given as a mapping (tests, tools)
+    changed = s.get("status_changed_at")
+    return (
+        s["terminal_id"], s["merchant_id"], s["online"], _ts(s["watermark"] or s["last_heard"]),
+        _ts(changed) if changed else None, m.get("battery"), m.get("charging"),
+        m.get("signal_type"), m.get("signal_dbm"), m.get("carrier"), m.get("printer"),
+        m.get("lat"), m.get("lon"), m.get("app_version"), m.get("firmware_version"),
+        s.get("health_score"),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Rows:
+    """One flush's rows, ready for COPY, and the windows' last event times (latency)."""
+
+    windows: list[tuple[Any, ...]]
+    states: list[tuple[Any, ...]]
+    last_ts: list[float]
+
+    def __len__(self) -> int:
+        return len(self.windows) + len(self.states)
+
+
 class HealthSink:
     def __init__(self, dsn: str, metrics: StreamMetrics) -> None:
         self.dsn = dsn
         self.metrics = metrics
         self._windows: dict[tuple[str, int], dict[str, Any]] = {}
-        self._states: dict[str, dict[str, Any]] = {}
+        self._states: dict[str, TerminalState | Mapping[str, Any]] = {}
         self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
 
     def add_window(self, record: dict[str, Any]) -> None:
@@ -113,17 +136,31 @@ class HealthSink:
             return  # never replace a final record with a provisional one
         self._windows[key] = record
 
-    def add_state(self, state: dict[str, Any]) -> None:
-        self._states[state["terminal_id"]] = state
+    def add_state(self, state: TerminalState | Mapping[str, Any]) -> None:
+        """Write this state at the next flush (as it is then: the last change wins)."""
+        key = state.terminal_id if isinstance(state, TerminalState) else state["terminal_id"]
+        self._states[key] = state
 
     def pending(self) -> int:
         return len(self._windows) + len(self._states)
 
-    def flush(self) -> int:
-        """Write what is buffered in one transaction (blocking: run it in a thread)."""
+    def take(self) -> Rows:
+        """What is buffered, as rows (on the thread that changes the states)."""
         windows, self._windows = self._windows, {}
         states, self._states = self._states, {}
-        if not windows and not states:
+        return Rows(
+            [_window_row(r) for r in windows.values()],
+            [_state_row(s) for s in states.values()],
+            [r["last_ts"] for r in windows.values() if r.get("last_ts")],
+        )
+
+    def flush(self) -> int:
+        """Write what is buffered in one transaction (blocking)."""
+        return self.write(self.take())
+
+    def write(self, rows: Rows) -> int:
+        """Write rows taken by :meth:`take` in one transaction (blocking: run it in a thread)."""
+        if not rows:
             return 0
         if self._conn is None or self._conn.closed:
             self._conn = psycopg.connect(self.dsn)
@@ -140,29 +177,28 @@ class HealthSink:
         conn = self._conn
         with conn.transaction():
             conn.execute("SET LOCAL synchronous_commit = off")
-            if windows:
-                self._write_windows(conn, list(windows.values()))
-            if states:
-                self._write_states(conn, list(states.values()))
+            if rows.windows:
+                self._write_windows(conn, rows.windows)
+            if rows.states:
+                self._write_states(conn, rows.states)
         committed = time.time()
-        for r in windows.values():
-            if r.get("last_ts"):
-                self.metrics.end_to_end.observe(max(0.0, committed - r["last_ts"]))
-        self.metrics.sink_rows.labels("terminal_health").inc(len(windows))
-        self.metrics.sink_rows.labels("terminal_state").inc(len(states))
-        return len(windows) + len(states)
+        for last_ts in rows.last_ts:
+            self.metrics.end_to_end.observe(max(0.0, committed - last_ts))
+        self.metrics.sink_rows.labels("terminal_health").inc(len(rows.windows))
+        self.metrics.sink_rows.labels("terminal_state").inc(len(rows.states))
+        return len(rows)
 
     @staticmethod
     def _write_windows(
-        conn: psycopg.Connection[tuple[Any, ...]], rows: list[dict[str, Any]]
+        conn: psycopg.Connection[tuple[Any, ...]], rows: list[tuple[Any, ...]]
     ) -> None:
-        _copy_then_upsert(conn, _COPY_WINDOWS, map(_window_row, rows), _UPSERT_WINDOWS)
+        _copy_then_upsert(conn, _COPY_WINDOWS, rows, _UPSERT_WINDOWS)
 
     @staticmethod
     def _write_states(
-        conn: psycopg.Connection[tuple[Any, ...]], states: list[dict[str, Any]]
+        conn: psycopg.Connection[tuple[Any, ...]], rows: list[tuple[Any, ...]]
     ) -> None:
-        _copy_then_upsert(conn, _COPY_STATES, map(_state_row, states), _UPSERT_STATES)
+        _copy_then_upsert(conn, _COPY_STATES, rows, _UPSERT_STATES)
 
     def close(self) -> None:
         if self._conn is not None:

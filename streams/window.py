@@ -1,8 +1,8 @@
-"""Per-terminal state and tumbling windows, as pure functions over a JSON-able dict.
+"""Per-terminal tumbling windows, as pure functions over the typed state of streams/state.py.
 
-The faust agent keeps one such dict per terminal in a table (backed by its
-changelog topic) and calls these functions; everything here is deterministic
-and tested without Kafka.
+The faust agent keeps one :class:`~streams.state.TerminalState` per terminal in a
+table (backed by its changelog topic) and calls these functions; everything here is
+deterministic and tested without Kafka.
 
 Time and lateness policy:
 
@@ -38,84 +38,62 @@ topics, so their processing order is not their publish order):
   than everything heard before (``seq`` > ``max_seq`` at that moment) brings
   it back; a delayed older one does not.
 
-States written before these fields existed lack them; the ``.get`` defaults
-below read such a state as "nothing ordered yet".
+States written before these fields existed lack them; :func:`streams.state.decode_state`
+reads such a state as "nothing ordered yet".
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from bisect import insort
 from typing import Any
 
-from streams.score import WindowFacts, score
+from streams.records import health_record, open_record, open_records
+from streams.state import (
+    OfflineBy,
+    Outcome,
+    Readings,
+    TerminalState,
+    Window,
+    WindowConfig,
+    new_state,
+)
 
 __all__ = [
+    "State",
     "WindowConfig",
+    "apply",
     "check_offline",
     "close_due",
     "heal",
     "new_state",
+    "next_deadline",
     "on_status",
     "on_telemetry",
     "on_txn",
+    "open_record",
     "open_records",
+    "window_start",
 ]
 
-State = dict[str, Any]
+State = TerminalState
 # Seqs / txn ids remembered for replay detection: a restarted worker re-reads at
 # most what arrived since the last offset commit (about a second), far fewer.
 _RECENT = 64
 _LATENCIES = 256  # per window, for the p95
 
 
-@dataclass(frozen=True)
-class WindowConfig:
-    window_s: int = 60
-    grace_s: int = 10
-    offline_factor: float = 3.0
-    drain_span_s: int = 1800
-    # Event times further ahead of the worker's clock are refused (the bridge refuses them
-    # first; this guards state against records that did not come through it).
-    max_ahead_s: int = 24 * 3600
+def window_start(ts: float, cfg: WindowConfig) -> int:
+    return int(ts // cfg.window_s * cfg.window_s)
 
 
-def new_state(terminal_id: str, merchant_id: str) -> State:
-    return {
-        "terminal_id": terminal_id,
-        "merchant_id": merchant_id,
-        "windows": {},  # str(window start, epoch s) -> aggregates
-        "closed_upto": 0.0,  # every window ending at or before this is closed
-        "watermark": 0.0,  # the newest event time seen
-        "last_heard": 0.0,  # wall clock of the last message
-        "online": True,
-        "offline_reason": None,
-        "heartbeat_s": 30,
-        "late": 0,
-        "max_seq": -1,  # the greatest seq heard, any kind
-        "status_seq": -1,  # the seq of the last status applied
-        "offline_by": None,  # "status" (only a later online status lifts) or "silence"
-        "silent_seq": -1,  # max_seq when silence took it offline
-        "seqs": [],
-        "txns": [],
-        "battery_hist": [],  # [ts, level, charging]
-        "current": {},  # latest readings
-    }
-
-
-def _window(state: State, ts: float, cfg: WindowConfig) -> dict[str, Any] | None:
+def _window(state: State, ts: float, cfg: WindowConfig) -> Window | None:
     start = int(ts // cfg.window_s * cfg.window_s)
-    if start + cfg.window_s <= state["closed_upto"]:
+    if start + cfg.window_s <= state.closed_upto:
         return None  # late
-    key = str(start)
-    if key not in state["windows"]:
-        state["windows"][key] = {
-            "samples": 0, "sig_sum": 0.0, "sig_n": 0, "sig_min": None, "sig_type": None,
-            "dropouts": 0, "battery": None, "battery_ts": 0.0, "charging": False,
-            "temp_max": None, "printer": None, "txn": 0, "approved": 0, "declined": 0,
-            "failed": 0, "latencies": [], "last_ts": 0.0,
-        }  # fmt: skip
-    window: dict[str, Any] = state["windows"][key]
-    window["last_ts"] = max(window["last_ts"], ts)
+    window = state.windows.get(start)
+    if window is None:
+        window = state.windows[start] = Window()
+    window.last_ts = max(window.last_ts, ts)
     return window
 
 
@@ -124,7 +102,8 @@ def _remember(items: list[Any], item: Any) -> bool:
     if item in items:
         return False
     items.append(item)
-    del items[:-_RECENT]
+    if len(items) > _RECENT:
+        del items[:-_RECENT]
     return True
 
 
@@ -139,213 +118,158 @@ def _heard(state: State, ts: float, now: float, seq: int | None) -> bool:
     See "Online/offline ordering" above: only newer evidence lifts an offline by
     silence, and nothing but a later online status lifts an offline status.
     """
-    state["last_heard"] = now
-    state["watermark"] = max(state["watermark"], ts)
-    if seq is not None:
-        state["max_seq"] = max(state.get("max_seq", -1), seq)
-    if state["online"] or _offline_by(state) == "status":
+    state.last_heard = now
+    state.watermark = max(state.watermark, ts)
+    if seq is not None and seq > state.max_seq:
+        state.max_seq = seq
+    if state.online or state.offline_by is OfflineBy.STATUS:
         return False
-    if seq is not None and seq <= state.get("silent_seq", -1):
+    if seq is not None and seq <= state.silent_seq:
         return False  # sent before the newest message heard when it went silent
-    state["online"], state["offline_reason"], state["offline_by"] = True, None, None
+    state.online, state.offline_reason, state.offline_by = True, None, None
     return True
 
 
-def _offline_by(state: State) -> str | None:
-    if state["online"]:
-        return None
-    by: str | None = state.get("offline_by")
-    if by is None:  # a state from before "offline_by" existed
-        by = "silence" if str(state["offline_reason"]).startswith("silent for") else "status"
-    return by
-
-
-def on_telemetry(state: State, t: dict[str, Any], ts: float, now: float, cfg: WindowConfig) -> str:
-    """Apply one telemetry payload; returns 'ok', 'late', 'replay' or 'online'."""
-    if not _remember(state["seqs"], t["seq"]):
-        return "replay"
-    back = _heard(state, ts, now, _seq(t))
-    state["heartbeat_s"] = t.get("heartbeat_interval_s", 30)
+def on_telemetry(
+    state: State, t: dict[str, Any], ts: float, now: float, cfg: WindowConfig
+) -> Outcome:
+    """Apply one telemetry payload; returns ok, late, replay or online."""
+    if not _remember(state.seqs, t["seq"]):
+        return Outcome.REPLAY
+    seq = _seq(t)
+    back = _heard(state, ts, now, seq)
+    state.heartbeat_s = t.get("heartbeat_interval_s", 30)
     signal, battery = t["signal"], t["battery"]
     dbm = signal.get("rsrp_dbm")
     dbm = signal.get("rssi_dbm") if dbm is None else dbm
     dbm = signal.get("wifi_rssi_dbm") if dbm is None else dbm
-    current, seq = state["current"], _seq(t)
+    level, charging, paper = battery["level_pct"], battery["charging"], t["printer"]["paper"]
+    current = state.current
     # The latest readings are the highest seq's, not the latest ts: a skewed clock
     # (minutes behind after a reboot, say) must not freeze them.
-    if (
-        ts >= current.get("ts", 0.0)
-        if seq is None or current.get("seq") is None
-        else seq > current["seq"]
-    ):
+    if ts >= current.ts if seq is None or current.seq is None else seq > current.seq:
         loc = t.get("location") or {}
-        state["current"] = {
-            "ts": ts, "seq": seq, "signal_type": signal["type"], "signal_dbm": dbm,
-            "carrier": signal.get("carrier"), "battery": battery["level_pct"],
-            "charging": battery["charging"], "printer": t["printer"]["paper"],
-            "app_version": t["app_version"], "firmware_version": t["firmware_version"],
-            "lat": loc.get("lat"), "lon": loc.get("lon"),
-        }  # fmt: skip
-    hist = state["battery_hist"]
+        state.current = Readings(
+            ts, seq, signal["type"], dbm, signal.get("carrier"), level, charging, paper,
+            t["app_version"], t["firmware_version"], loc.get("lat"), loc.get("lon"),
+        )  # fmt: skip
+    hist = state.battery_hist
     # One reading a minute is plenty for a drain rate, and keeps the state small
     # (it is written to the changelog on every change).
-    if not hist or ts - hist[-1][0] >= 60 or battery["charging"] != hist[-1][2]:
-        hist.append([ts, battery["level_pct"], battery["charging"]])
-        hist.sort(key=lambda h: h[0])
-    while hist and hist[0][0] < state["watermark"] - cfg.drain_span_s:
+    if not hist or ts - hist[-1][0] >= 60 or charging != hist[-1][2]:
+        insort(hist, (ts, level, charging), key=lambda h: h[0])
+    oldest = state.watermark - cfg.drain_span_s
+    while hist and hist[0][0] < oldest:
         hist.pop(0)
     window = _window(state, ts, cfg)
     if window is None:
-        state["late"] += 1
-        return "online" if back else "late"  # the caller counts lateness by state["late"]
-    window["samples"] += 1
-    window["sig_type"] = signal["type"]
-    if signal["type"] == "none" or dbm is None:
-        if signal["type"] != "ethernet":
-            window["dropouts"] += 1
+        state.late += 1
+        return Outcome.ONLINE if back else Outcome.LATE  # lateness is counted by state.late
+    window.samples += 1
+    kind = window.sig_type = signal["type"]
+    if kind == "none" or dbm is None:
+        if kind != "ethernet":
+            window.dropouts += 1
     else:
-        window["sig_sum"] += dbm
-        window["sig_n"] += 1
-        window["sig_min"] = dbm if window["sig_min"] is None else min(window["sig_min"], dbm)
-    if ts >= window["battery_ts"]:
-        window["battery"], window["battery_ts"] = battery["level_pct"], ts
-        window["charging"] = battery["charging"]
-        window["printer"] = t["printer"]["paper"]
+        window.sig_sum += dbm
+        window.sig_n += 1
+        if window.sig_min is None or dbm < window.sig_min:
+            window.sig_min = dbm
+    if ts >= window.battery_ts:
+        window.battery, window.battery_ts, window.charging = level, ts, charging
+        window.printer = paper
     temp = battery.get("temperature_c")
-    if temp is not None:
-        window["temp_max"] = temp if window["temp_max"] is None else max(window["temp_max"], temp)
-    return "online" if back else "ok"
+    if temp is not None and (window.temp_max is None or temp > window.temp_max):
+        window.temp_max = temp
+    return Outcome.ONLINE if back else Outcome.OK
 
 
-def on_txn(state: State, t: dict[str, Any], ts: float, now: float, cfg: WindowConfig) -> str:
-    """Apply one payment outcome; returns 'ok', 'late', 'replay' or 'online'."""
-    if not _remember(state["txns"], t["txn_id"]):
-        return "replay"
+def on_txn(state: State, t: dict[str, Any], ts: float, now: float, cfg: WindowConfig) -> Outcome:
+    """Apply one payment outcome; returns ok, late, replay or online."""
+    if not _remember(state.txns, t["txn_id"]):
+        return Outcome.REPLAY
     back = _heard(state, ts, now, _seq(t))
     window = _window(state, ts, cfg)
     if window is None:
-        state["late"] += 1
-        return "online" if back else "late"
-    window["txn"] += 1
+        state.late += 1
+        return Outcome.ONLINE if back else Outcome.LATE
+    window.txn += 1
     status = t["status"]
     if status == "approved":
-        window["approved"] += 1
+        window.approved += 1
     elif status == "declined":
-        window["declined"] += 1
+        window.declined += 1
     else:
-        window["failed"] += 1
-    window["latencies"].append(t["auth_latency_ms"])
-    del window["latencies"][:-_LATENCIES]
-    return "online" if back else "ok"
+        window.failed += 1
+    latencies = window.latencies
+    latencies.append(t["auth_latency_ms"])
+    if len(latencies) > _LATENCIES:
+        del latencies[:-_LATENCIES]
+    return Outcome.ONLINE if back else Outcome.OK
 
 
-def on_status(state: State, s: dict[str, Any], ts: float, now: float) -> str:
-    """Apply a status message; returns 'online', 'offline', 'ok' or 'stale'.
+def on_status(state: State, s: dict[str, Any], ts: float, now: float) -> Outcome:
+    """Apply a status message; returns online, offline, ok or stale.
 
-    'stale': a status not newer (by ``seq``) than the last one applied, ignored.
+    stale: a status not newer (by ``seq``) than the last one applied, ignored.
     An offline status (the Last Will) keeps the terminal offline until a later
     online status; see "Online/offline ordering" above.
     """
     seq = _seq(s)
     if seq is not None:
-        if seq <= state.get("status_seq", -1):
-            return "stale"
-        state["status_seq"] = seq
-        state["max_seq"] = max(state.get("max_seq", -1), seq)
-    state["last_heard"] = now
+        if seq <= state.status_seq:
+            return Outcome.STALE
+        state.status_seq = seq
+        state.max_seq = max(state.max_seq, seq)
+    state.last_heard = now
     if s["state"] == "offline":
-        was_online = state["online"]
-        state["online"], state["offline_by"] = False, "status"
-        state["offline_reason"] = s.get("reason") or "last will"
-        return "offline" if was_online else "ok"
-    state["watermark"] = max(state["watermark"], ts)
-    if state["online"]:
-        return "ok"
-    state["online"], state["offline_reason"], state["offline_by"] = True, None, None
-    return "online"
+        was_online = state.online
+        state.online, state.offline_by = False, OfflineBy.STATUS
+        state.offline_reason = s.get("reason") or "last will"
+        return Outcome.OFFLINE if was_online else Outcome.OK
+    state.watermark = max(state.watermark, ts)
+    if state.online:
+        return Outcome.OK
+    state.online, state.offline_reason, state.offline_by = True, None, None
+    return Outcome.ONLINE
+
+
+def apply(state: State, event: dict[str, Any], ts: float, now: float, cfg: WindowConfig) -> Outcome:
+    """Apply one event of any kind (a decoded record of the telemetry, status or re-keyed
+    payment topic) at event time ``ts``."""
+    kind = event["kind"]
+    if kind == "telemetry":
+        return on_telemetry(state, event["payload"], ts, now, cfg)
+    if kind == "txn":
+        return on_txn(state, event, ts, now, cfg)
+    return on_status(state, event["payload"], ts, now)
 
 
 def check_offline(state: State, now: float, cfg: WindowConfig) -> bool:
     """Mark a silent terminal offline; True when that changed it."""
-    silent = now - state["last_heard"]
-    if (
-        state["online"]
-        and state["last_heard"]
-        and silent > cfg.offline_factor * state["heartbeat_s"]
-    ):
-        state["online"], state["offline_by"] = False, "silence"
-        state["offline_reason"] = f"silent for {silent:.0f} s"
-        state["silent_seq"] = state.get("max_seq", -1)
+    silent = now - state.last_heard
+    if state.online and state.last_heard and silent > cfg.offline_factor * state.heartbeat_s:
+        state.online, state.offline_by = False, OfflineBy.SILENCE
+        state.offline_reason = f"silent for {silent:.0f} s"
+        state.silent_seq = state.max_seq
         return True
     return False
 
 
-def _drain(state: State, cfg: WindowConfig) -> float | None:
-    """Battery drain in %/hour over the latest discharging run within the span."""
-    run: list[list[Any]] = []
-    for entry in state["battery_hist"]:
-        run = [] if entry[2] else [*run, entry]
-    if len(run) < 2 or run[-1][0] - run[0][0] < 300:
-        return None
-    hours = float(run[-1][0] - run[0][0]) / 3600
-    return round(float(run[0][1] - run[-1][1]) / hours, 1)
+def next_deadline(state: State, cfg: WindowConfig) -> float | None:
+    """The wall-clock time the timer next has work for this terminal, if ever.
 
-
-def _record(
-    state: State, start: int, w: dict[str, Any], cfg: WindowConfig, late: int
-) -> dict[str, Any]:
-    latencies = sorted(w["latencies"])
-    facts = WindowFacts(
-        signal_type=w["sig_type"],
-        signal_avg_dbm=w["sig_sum"] / w["sig_n"] if w["sig_n"] else None,
-        dropouts=w["dropouts"],
-        battery_level_pct=w["battery"],
-        charging=w["charging"],
-        battery_temp_c=w["temp_max"],
-        drain_pct_per_hour=_drain(state, cfg),
-        txn_total=w["txn"],
-        txn_declined=w["declined"],
-        txn_failed=w["failed"],
-        auth_p95_ms=latencies[int(0.95 * (len(latencies) - 1))] if latencies else None,
-        printer_paper=w["printer"],
-        online=True,
-    )
-    health = score(facts)
-    return {
-        "terminal_id": state["terminal_id"],
-        "merchant_id": state["merchant_id"],
-        "window_start": start,
-        "window_end": start + cfg.window_s,
-        "last_ts": w["last_ts"],
-        "score": health.score,
-        "components": {
-            "signal": health.signal,
-            "battery": health.battery,
-            "txn": health.txn,
-            "printer": health.printer,
-        },
-        "reasons": health.reasons,
-        "facts": {
-            "samples": w["samples"],
-            "signal_avg_dbm": facts.signal_avg_dbm,
-            "signal_min_dbm": w["sig_min"],
-            "signal_type": w["sig_type"],
-            "dropouts": w["dropouts"],
-            "battery_level_pct": w["battery"],
-            "charging": w["charging"],
-            "battery_temp_c": w["temp_max"],
-            "drain_pct_per_hour": facts.drain_pct_per_hour,
-            "txn": w["txn"],
-            "approved": w["approved"],
-            "declined": w["declined"],
-            "failed": w["failed"],
-            "decline_rate": w["declined"] / w["txn"] if w["txn"] else None,
-            "error_rate": w["failed"] / w["txn"] if w["txn"] else None,
-            "auth_p95_ms": facts.auth_p95_ms,
-            "printer_paper": w["printer"],
-            "late": late,
-        },
-    }
+    Going offline by silence (``check_offline``) or closing its oldest window while it is
+    silent (``close_due``); the timer wakes for it then, and not before.
+    """
+    due = None
+    if state.online and state.last_heard:
+        due = state.last_heard + cfg.offline_factor * state.heartbeat_s
+    if state.windows:
+        end = min(state.windows) + cfg.window_s + cfg.grace_s
+        close = max(end, state.last_heard + cfg.grace_s + cfg.window_s)
+        due = close if due is None else min(due, close)
+    return due
 
 
 def heal(state: State, now: float, cfg: WindowConfig) -> int:
@@ -356,38 +280,29 @@ def heal(state: State, now: float, cfg: WindowConfig) -> int:
     worker on every restart. Returns how many windows were dropped.
     """
     limit = now + cfg.max_ahead_s
-    if state["watermark"] <= limit:
+    if state.watermark <= limit:
         return 0
-    bad = [key for key in state["windows"] if int(key) > limit]
-    for key in bad:
-        del state["windows"][key]
-    state["watermark"] = min(state["watermark"], limit)
-    state["closed_upto"] = min(state["closed_upto"], limit)
-    current = state["current"]
-    if current.get("ts", 0.0) > limit:
-        current["ts"] = limit
+    bad = [start for start in state.windows if start > limit]
+    for start in bad:
+        del state.windows[start]
+    state.watermark = min(state.watermark, limit)
+    state.closed_upto = min(state.closed_upto, limit)
+    state.current.ts = min(state.current.ts, limit)
     return len(bad)
-
-
-def open_records(state: State, cfg: WindowConfig) -> list[dict[str, Any]]:
-    """Provisional health records of the windows still open (updated until they close)."""
-    return [
-        {**_record(state, int(key), w, cfg, state["late"]), "final": False}
-        for key, w in sorted(state["windows"].items(), key=lambda kv: int(kv[0]))
-    ]
 
 
 def close_due(state: State, now: float, cfg: WindowConfig) -> list[dict[str, Any]]:
     """Close every window that is due; returns one final health record per closed window."""
-    silent = now - state["last_heard"] >= cfg.grace_s + cfg.window_s
+    if not state.windows:
+        return []
+    silent = now - state.last_heard >= cfg.grace_s + cfg.window_s
     records = []
-    for key in sorted(state["windows"], key=int):
-        start = int(key)
+    for start in sorted(state.windows):
         end = start + cfg.window_s
-        if state["watermark"] < end + cfg.grace_s and not (silent and now >= end + cfg.grace_s):
+        if state.watermark < end + cfg.grace_s and not (silent and now >= end + cfg.grace_s):
             break
-        w = state["windows"].pop(key)
-        state["closed_upto"] = max(state["closed_upto"], end)
-        late, state["late"] = state["late"], 0
-        records.append({**_record(state, start, w, cfg, late), "final": True})
+        w = state.windows.pop(start)
+        state.closed_upto = max(state.closed_upto, end)
+        late, state.late = state.late, 0
+        records.append(health_record(state, start, w, cfg, late, final=True))
     return records

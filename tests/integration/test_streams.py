@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from posflow.contracts import Accepted, validate_message
 from posflow.settings import KafkaSettings, PostgresSettings, Settings
 from posflow.stack import ensure_topics
+from posflow.topics import TopicSpec
 from tests.conftest import ROOT, free_port, unique
 from tests.unit import samples
 
@@ -386,3 +387,60 @@ async def test_a_year_9999_record_is_dead_lettered_and_the_worker_keeps_scoring(
     assert letter["original_topic"] == f"{health.prefix}.telemetry.v1"
     await asyncio.sleep(2)  # a few timer ticks: the poisoned record would crash one
     assert worker.poll() is None, "the worker died"
+
+
+def _previous_worker_state(terminal: str, base: float) -> dict[str, Any]:
+    """A terminal's state as the worker before issue 18 wrote it to the changelog (a JSON
+    object, windows keyed by str(start)): readings 0 and 1 of minute ``base`` applied."""
+    window = {
+        "samples": 2, "sig_sum": -190.0, "sig_n": 2, "sig_min": -100, "sig_type": "lte",
+        "dropouts": 0, "battery": 80, "battery_ts": base + 20, "charging": False,
+        "temp_max": 31.5, "printer": "ok", "txn": 0, "approved": 0, "declined": 0,
+        "failed": 0, "latencies": [], "last_ts": base + 20,
+    }  # fmt: skip
+    return {
+        "terminal_id": terminal, "merchant_id": "M-h", "windows": {str(int(base)): window},
+        "closed_upto": 0.0, "watermark": base + 20, "last_heard": time.time(),
+        "online": True, "offline_reason": None, "heartbeat_s": 30, "late": 0, "max_seq": 1,
+        "status_seq": -1, "offline_by": None, "silent_seq": -1, "seqs": [0, 1], "txns": [],
+        "battery_hist": [[base, 80, False]],
+        "current": {"ts": base + 20, "seq": 1, "signal_type": "lte", "signal_dbm": -100,
+                    "carrier": "Telstra", "battery": 80, "charging": False, "printer": "ok",
+                    "app_version": "3.4.1", "firmware_version": "fw-2026.10", "lat": None,
+                    "lon": None},
+        "health_score": 90, "status_changed_at": None,
+    }  # fmt: skip
+
+
+async def test_a_worker_carries_on_from_state_the_previous_version_left_in_the_changelog(
+    health: Health,
+) -> None:
+    """The changelog of a worker before issue 18 holds JSON objects; the new worker reads
+    them on restore and carries the half-full window on, counting nothing twice."""
+    base = _base()
+    changelog = TopicSpec(
+        f"{health.app_id}-terminal-state-changelog", 3, {"cleanup.policy": "compact"}, "test"
+    )
+    await ensure_topics(health.settings, [changelog])
+    producer = AIOKafkaProducer(bootstrap_servers=health.settings.kafka.bootstrap, acks="all")
+    await producer.start()
+    try:  # keyed like the table's writes (use_partitioner: the producer's partitioner)
+        await producer.send_and_wait(
+            changelog.name, json.dumps(_previous_worker_state("T-old", base)).encode(),
+            key=b"T-old",
+        )  # fmt: skip
+    finally:
+        await producer.stop()
+    worker = health.start_worker()
+    await health.send(
+        [
+            _tele("T-old", 1, base + 20, **{"signal.rsrp_dbm": -100}),  # redelivered
+            _tele("T-old", 2, base + 40, **{"signal.rsrp_dbm": -110}),
+            _tele("T-old", 3, base + 75, **{"signal.rsrp_dbm": -90}),  # closes minute 0
+        ]
+    )
+    rows = await health.wait_for(FINAL.format(t="T-old"), 1)
+    assert worker.poll() is None, "the worker died"
+    assert [(r[0], r[5]["samples"], r[5]["signal_avg_dbm"]) for r in rows] == [
+        (int(base), 3, -100.0)
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import time
 from datetime import UTC, datetime
@@ -10,6 +11,7 @@ from datetime import UTC, datetime
 from posflow.contracts import Accepted, validate_message
 from posflow.settings import Settings, StreamsSettings
 from streams.app import build
+from streams.state import TerminalState
 from tests.unit import samples
 
 
@@ -49,6 +51,7 @@ async def test_agent_closes_a_window_and_keeps_the_open_one_provisional() -> Non
         for i, dbm in enumerate([-95, -105, -100, -110]):  # 0, 30, 60, 90 s
             await agent.put(_envelope(i, base + 30 * i, **{"signal.rsrp_dbm": dbm}), key=b"T-0001")
         await asyncio.sleep(0.2)  # one take() batch
+    health.write_provisional()  # the sink's cadence (a timer, not run by test_context)
     records = sorted(health.sink._windows.values(), key=lambda r: r["window_start"])
     assert [(r["window_start"] - int(base), r["final"]) for r in records] == [
         (0, True),
@@ -91,13 +94,15 @@ async def test_agent_keeps_a_terminal_offline_after_its_will_until_it_connects_a
         for value in sequence[:-1]:
             await agent.put(value, key=b"T-0001")
         await asyncio.sleep(0.2)  # one take() batch
-        offline = dict(health.sink._states["T-0001"])
+        offline = copy.copy(health.sink._states["T-0001"])
+        assert isinstance(offline, TerminalState)
         await agent.put(sequence[-1], key=b"T-0001")
         await asyncio.sleep(0.2)
-    assert (offline["online"], offline["offline_reason"]) == (False, "last will")
-    assert offline["health_score"] == 0
+    assert (offline.online, offline.offline_reason) == (False, "last will")
+    assert offline.health_score == 0
     changes = [(r["online"], r["reason"]) for r in published if r["type"] == "state"]
     assert changes == [(False, "last will"), (True, None)]
     state = health.sink._states["T-0001"]
-    assert (state["online"], state["status_seq"], state["max_seq"]) == (True, 110, 112)
+    assert isinstance(state, TerminalState)
+    assert (state.online, state.status_seq, state.max_seq) == (True, 110, 112)
     assert health.metrics.events.labels("status")._value.get() == 4

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 
 from streams.score import WindowFacts, score
+from streams.state import decode_state
 from streams.window import (
     State,
     WindowConfig,
@@ -22,6 +24,17 @@ from tests.unit import samples
 
 CFG = WindowConfig(window_s=60, grace_s=10, offline_factor=3, drain_span_s=1800)
 T0 = 1_795_000_000.0 - 1_795_000_000.0 % 60  # a window boundary
+
+
+def legacy_state(terminal_id: str, merchant_id: str) -> dict[str, Any]:
+    """A new terminal's state as the previous worker wrote it to the changelog."""
+    return {
+        "terminal_id": terminal_id, "merchant_id": merchant_id, "windows": {},
+        "closed_upto": 0.0, "watermark": 0.0, "last_heard": 0.0, "online": True,
+        "offline_reason": None, "heartbeat_s": 30, "late": 0, "max_seq": -1,
+        "status_seq": -1, "offline_by": None, "silent_seq": -1, "seqs": [], "txns": [],
+        "battery_hist": [], "current": {},
+    }  # fmt: skip
 
 
 def tele(seq: int, **over: Any) -> dict[str, Any]:
@@ -166,10 +179,10 @@ def test_offline_by_silence_or_last_will_and_back_online_when_heard() -> None:
     on_telemetry(state, tele(0, heartbeat_interval_s=10), T0, T0, CFG)
     assert not check_offline(state, T0 + 30, CFG)  # 3 x 10 s not yet exceeded
     assert check_offline(state, T0 + 31, CFG)
-    assert (state["online"], state["offline_reason"]) == (False, "silent for 31 s")
+    assert (state.online, state.offline_reason) == (False, "silent for 31 s")
     assert on_telemetry(state, tele(1), T0 + 40, T0 + 40, CFG) == "online"
     assert on_status(state, status(2, "offline"), T0 + 41, T0 + 41) == "offline"
-    assert state["offline_reason"] == "last will"
+    assert state.offline_reason == "last will"
     assert on_status(state, status(3, "online"), T0 + 42, T0 + 42) == "online"
 
 
@@ -204,11 +217,11 @@ def test_telemetry_sent_before_the_will_but_processed_after_it_leaves_the_termin
     assert on_status(state, status(101, "offline"), T0, T0 + 40) == "offline"
     assert on_telemetry(state, late_reading, T0 + 35, T0 + 41, CFG) == "ok"  # not "online"
     assert on_txn(state, {**txn("tx-1"), "seq": 104}, T0 + 36, T0 + 42, CFG) == "ok"
-    assert (state["online"], state["offline_reason"]) == (False, "last will")
+    assert (state.online, state.offline_reason) == (False, "last will")
     # Still valid data: it counts in its window and is the latest reading.
-    assert state["windows"][str(int(T0))]["samples"] == 2
-    assert state["windows"][str(int(T0))]["txn"] == 1
-    assert state["current"]["battery"] == 48
+    assert state.windows[int(T0)].samples == 2
+    assert state.windows[int(T0)].txn == 1
+    assert state.current.battery == 48
 
 
 def test_only_a_later_online_status_brings_it_back_then_its_telemetry_keeps_it_online() -> None:
@@ -219,11 +232,11 @@ def test_only_a_later_online_status_brings_it_back_then_its_telemetry_keeps_it_o
     # topic is ahead, so 112 comes first. Newer than the will by seq and ts, yet from
     # the outside no different from telemetry sent before the drop: it stays offline.
     assert on_telemetry(state, tele(112), T0 + 305, T0 + 306, CFG) == "ok"
-    assert not state["online"]
+    assert not state.online
     assert on_status(state, status(110, "online"), T0 + 300, T0 + 307) == "online"
-    assert (state["online"], state["offline_reason"]) == (True, None)
+    assert (state.online, state.offline_reason) == (True, None)
     assert on_telemetry(state, tele(113), T0 + 335, T0 + 336, CFG) == "ok"
-    assert state["online"]
+    assert state.online
 
 
 def test_old_or_repeated_statuses_do_not_flip_the_state() -> None:
@@ -232,13 +245,13 @@ def test_old_or_repeated_statuses_do_not_flip_the_state() -> None:
     assert on_status(state, status(101, "offline"), T0, T0 + 40) == "offline"
     assert on_status(state, status(101, "offline"), T0, T0 + 41) == "stale"  # retained again
     assert on_status(state, status(100, "online"), T0, T0 + 42) == "stale"  # older online
-    assert not state["online"]
+    assert not state.online
     assert on_status(state, status(110, "online"), T0 + 300, T0 + 300) == "online"
     # The first connection's will, or a retained offline handed to a new subscription,
     # after the terminal reconnected: older than the online status, ignored.
     assert on_status(state, status(101, "offline"), T0, T0 + 301) == "stale"
     assert on_status(state, status(99, "offline", reason="shutdown"), T0, T0 + 302) == "stale"
-    assert (state["online"], state["status_seq"]) == (True, 110)
+    assert (state.online, state.status_seq) == (True, 110)
 
 
 def test_a_retained_old_offline_after_newer_telemetry_leaves_the_terminal_online() -> None:
@@ -246,19 +259,19 @@ def test_a_retained_old_offline_after_newer_telemetry_leaves_the_terminal_online
     on_telemetry(state, tele(202), T0 + 605, T0 + 605, CFG)
     on_txn(state, {**txn("tx-9"), "seq": 203}, T0 + 606, T0 + 606, CFG)
     assert on_status(state, status(151, "offline"), T0 + 100, T0 + 607) == "stale"
-    assert (state["online"], state["last_heard"]) == (True, T0 + 606)  # a replay is not life
+    assert (state.online, state.last_heard) == (True, T0 + 606)  # a replay is not life
 
 
 def test_the_will_counts_although_its_connect_time_ts_is_older_than_what_was_heard() -> None:
     state = connected(100, T0)
     for i in range(20):  # ten minutes of telemetry on that connection
         on_telemetry(state, tele(102 + i), T0 + 30 * i, T0 + 30 * i, CFG)
-    assert state["watermark"] == T0 + 570
+    assert state.watermark == T0 + 570
     # The broker publishes the will registered at connect: ts T0, seq 101, both older
     # than everything heard since. It still takes the terminal offline.
     assert on_status(state, status(101, "offline"), T0, T0 + 600) == "offline"
-    assert (state["online"], state["offline_reason"]) == (False, "last will")
-    assert state["watermark"] == T0 + 570  # the old ts moves no window
+    assert (state.online, state.offline_reason) == (False, "last will")
+    assert state.watermark == T0 + 570  # the old ts moves no window
 
 
 def test_skewed_terminal_clocks_do_not_decide_online_or_offline() -> None:
@@ -267,17 +280,17 @@ def test_skewed_terminal_clocks_do_not_decide_online_or_offline() -> None:
     state = connected(100, T0 + 900)
     assert on_status(state, status(101, "offline"), T0 + 900, T0 + 40) == "offline"
     assert on_telemetry(state, tele(102), T0 + 935, T0 + 41, CFG) == "ok"
-    assert not state["online"]
+    assert not state.online
     # Corrected (15 minutes back) before it reconnects: the new online status has a ts
     # older than the will's and the telemetry's, and the higher seq. Online.
     assert on_status(state, status(110, "online"), T0 + 300, T0 + 300) == "online"
     assert on_telemetry(state, tele(112), T0 + 305, T0 + 306, CFG) == "ok"
-    assert state["online"]
+    assert state.online
     # The latest readings follow seq too, not the skewed ts.
-    assert state["current"]["seq"] == 112
+    assert state.current.seq == 112
     # A delayed status of the skewed connection (higher ts, lower seq) is stale.
     assert on_status(state, status(101, "offline"), T0 + 900, T0 + 310) == "stale"
-    assert state["online"]
+    assert state.online
 
 
 def test_after_silence_only_newer_messages_bring_it_back() -> None:
@@ -286,9 +299,9 @@ def test_after_silence_only_newer_messages_bring_it_back() -> None:
     assert check_offline(state, T0 + 31, CFG)
     # Delayed on its topic: older than what was heard before the silence. Not evidence.
     assert on_txn(state, {**txn("tx-1"), "seq": 102}, T0 - 1, T0 + 32, CFG) == "ok"
-    assert not state["online"]
+    assert not state.online
     assert on_telemetry(state, tele(104), T0 + 40, T0 + 41, CFG) == "online"
-    assert (state["online"], state["offline_reason"]) == (True, None)
+    assert (state.online, state.offline_reason) == (True, None)
 
 
 def test_a_will_after_silence_holds_the_terminal_offline_with_its_reason() -> None:
@@ -296,11 +309,11 @@ def test_a_will_after_silence_holds_the_terminal_offline_with_its_reason() -> No
     on_telemetry(state, tele(102, heartbeat_interval_s=10), T0, T0, CFG)
     assert check_offline(state, T0 + 31, CFG)
     assert on_status(state, status(101, "offline"), T0, T0 + 32) == "ok"  # already offline
-    assert state["offline_reason"] == "last will"
+    assert state.offline_reason == "last will"
     # Telemetry the dead connection sent before it dropped: newer than anything heard
     # at the silence, but the will says the connection is gone.
     assert on_telemetry(state, tele(103), T0 + 10, T0 + 33, CFG) == "ok"
-    assert not state["online"]
+    assert not state.online
 
 
 def test_a_late_message_that_brings_a_silent_terminal_back_says_so() -> None:
@@ -311,16 +324,17 @@ def test_a_late_message_that_brings_a_silent_terminal_back_says_so() -> None:
     assert check_offline(state, T0 + 106, CFG)
     # Newest by seq, though its (skewed) ts falls in the closed minute: late, and online.
     assert on_telemetry(state, tele(2), T0 + 30, T0 + 107, CFG) == "online"
-    assert (state["online"], state["late"]) == (True, 1)
+    assert (state.online, state.late) == (True, 1)
 
 
 def test_a_state_written_before_the_ordering_fields_keeps_working() -> None:
-    state = new_state("T-0001", "M-0001")
+    old = legacy_state("T-0001", "M-0001")  # a dict, as the changelog holds it
     for key in ("max_seq", "status_seq", "offline_by", "silent_seq"):
-        del state[key]
-    state.update(online=False, offline_reason="last will")  # offline by an old will
+        del old[key]
+    old.update(online=False, offline_reason="last will")  # offline by an old will
+    state = decode_state(orjson.dumps(old))
     assert on_telemetry(state, tele(5), T0, T0, CFG) == "ok"
-    assert not state["online"]
+    assert not state.online
     assert on_status(state, status(7, "online"), T0 + 1, T0 + 1) == "online"
 
 
@@ -333,8 +347,8 @@ def test_heal_drops_a_restored_far_future_window_so_closing_cannot_overflow() ->
     year_9999 = 253_402_300_740.0  # 9999-12-31T23:59:00Z, as an old changelog may hold
     on_telemetry(state, tele(1), year_9999, T0 + 6, CFG)
     assert heal(state, T0 + 6, CFG) == 1
-    assert list(state["windows"]) == [str(int(T0))]
-    assert state["watermark"] == T0 + 6 + CFG.max_ahead_s
+    assert list(state.windows) == [int(T0)]
+    assert state.watermark == T0 + 6 + CFG.max_ahead_s
     assert heal(state, T0 + 6, CFG) == 0
     (record,) = close_due(state, T0 + 6 + CFG.max_ahead_s, CFG)
     assert record["window_start"] == int(T0)

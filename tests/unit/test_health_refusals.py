@@ -56,4 +56,4 @@ def test_an_unparseable_timestamp_is_refused_and_the_batch_goes_on() -> None:
     health.process([_record("yesterday"), _record(samples.TS)], table, now)
     assert [DeadLetter.from_json(v).field for _, v in health.refused] == ["ts"]
     assert list(health.dirty) == [b"T-0001"]
-    assert health.dirty[b"T-0001"]["current"]["seq"] == 41  # the good reading applied
+    assert health.dirty[b"T-0001"].current.seq == 41  # the good reading applied
