@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from posflow.contracts import Transaction
+from posflow.contracts import Kind
 from posflow.kafkalag import ConsumerLag
 from posflow.runtime import Backoff
 from posflow.security.tls import kafka_ssl_options, postgres_dsn
@@ -134,7 +134,7 @@ class RawSink:
     async def step(self, stop: asyncio.Event | None = None) -> int:
         """Read and parse one batch while the previous one is written; then start writing it.
 
-        Parsing (pydantic, in this thread) overlaps the previous batch's database write
+        Decoding (in this thread) overlaps the previous batch's database write
         (PostgreSQL's work, in another process): at most one batch is in flight, and
         batches complete in order. Returns how many records the batch had.
         """
@@ -230,7 +230,7 @@ class RawSink:
         except psycopg.Error:
             db.close()  # reconnect, with fresh writers, on the next attempt
             raise
-        refused_tel = sum(1 for e, _ in refused if not isinstance(e.payload, Transaction))
+        refused_tel = sum(1 for e, _ in refused if e.kind is not Kind.TXN)
         self.metrics.rows.labels("telemetry").inc(tel)
         self.metrics.rows.labels("transactions").inc(txn)
         self.metrics.dead_letters_counted.inc(counted)
