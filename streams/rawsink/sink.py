@@ -27,7 +27,7 @@ from posflow.storage.migrate import StoragePath
 from posflow.topics import topic_names
 from streams.rawsink.commit import DurableCommits, Written
 from streams.rawsink.database import Refused, SinkDatabase, write_isolating
-from streams.rawsink.metrics import RawSinkMetrics
+from streams.rawsink.metrics import RawSinkMetrics, observe_many
 from streams.rawsink.records import (
     Rejection,
     Sorted,
@@ -242,17 +242,20 @@ class RawSink:
 
     def _observe_latency(self, batch: Sorted, refused: Refused, committed: datetime) -> None:
         skip = {id(e) for e, _ in refused}
+        now = committed.timestamp()
         for table, envelopes in (
             ("telemetry", batch.telemetry),
             ("transactions", batch.transactions),
         ):
-            received = self.metrics.end_to_end.labels(table, "received")
-            terminal = self.metrics.end_to_end.labels(table, "terminal")
-            for env in envelopes:
-                if id(env) in skip:
-                    continue
-                received.observe(max((committed - env.received_at).total_seconds(), 0.0))
-                terminal.observe(max((committed - env.payload.ts).total_seconds(), 0.0))
+            kept = [e for e in envelopes if id(e) not in skip] if skip else envelopes
+            observe_many(
+                self.metrics.end_to_end.labels(table, "received"),
+                [max(now - e.received_at.timestamp(), 0.0) for e in kept],
+            )
+            observe_many(
+                self.metrics.end_to_end.labels(table, "terminal"),
+                [max(now - e.payload.ts.timestamp(), 0.0) for e in kept],
+            )
 
     async def _send_dead_letters(self, rejected: list[Rejection]) -> None:
         if not rejected:
