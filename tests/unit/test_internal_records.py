@@ -92,17 +92,22 @@ def test_the_raw_sink_stores_the_same_row_from_either_path(
 
 
 def test_a_record_without_the_header_gets_the_full_check() -> None:
-    # A sale that names an original transaction: only the full contract relates the two
-    # fields (the typed decoder does not, see contracts/internal.py).
-    value = _bridge_value("txn").replace(
-        b'"original_txn_id":null', b'"original_txn_id":"T-0001:000001"'
-    )
-    assert isinstance(decode_envelope(value, BRIDGE), BridgeEnvelope)
-    assert _refusal(value, []) == (Reason.INVALID_VALUE, "payload.original_txn_id")
-    assert _refusal(value, [("other", b"bridge/1")]) == (
-        Reason.INVALID_VALUE,
+    good = _bridge_value("txn")
+    void = _changed("txn", "payload.type", "void")  # a void must name the txn it acts on
+    for headers in ([], [("other", BRIDGE_V1)]):
+        assert isinstance(decode_envelope(good, headers), IngestEnvelope)
+        with pytest.raises(ContractError) as caught:
+            decode_envelope(void, headers)
+        error = caught.value
+        assert (error.reason, error.field) == (Reason.MISSING_FIELD, "payload.original_txn_id")
+        assert "the txn_id it acts on" in error.message  # the pydantic contract's words
+    with pytest.raises(ContractError) as caught:
+        decode_envelope(void, BRIDGE)
+    assert (caught.value.reason, caught.value.field) == (
+        Reason.MISSING_FIELD,
         "payload.original_txn_id",
     )
+    assert "(bridge record)" in caught.value.message
 
 
 @pytest.mark.parametrize("mark", [b"bridge/2", b"bridge/0", b"bridge", b"", None])
@@ -164,12 +169,20 @@ def _changed(kind: str, path: str, value: object = _DROP) -> bytes:
         (_changed("status", "kind", "telemetry"), Reason.IDENTITY_MISMATCH, "payload.kind"),
         (_changed("telemetry", "payload.signal.carrier", CARD), Reason.CARD_DATA, None),
         (_changed("txn", "payload.txn_id", "4111111111111111"), Reason.CARD_DATA, None),
+        (_changed("txn", "payload.card_token", CARD), Reason.CARD_DATA, None),
+        (_changed("telemetry", "payload.uptime_s", 4111111111111111), Reason.CARD_DATA, None),
+        (_changed("txn", "payload.original_txn_id", "T-0001:1"), Reason.INVALID_VALUE,
+         "payload.original_txn_id"),
+        (_changed("txn", "payload.type", "capture"), Reason.MISSING_FIELD,
+         "payload.original_txn_id"),
     ],
 )  # fmt: skip
 def test_a_broken_headered_record_is_refused_with_its_reason_and_field(
     value: bytes, reason: Reason, field: str | None
 ) -> None:
     assert _refusal(value, BRIDGE) == (reason, field)
+    with pytest.raises(ContractError, match=r"\(bridge record\)|not valid JSON"):
+        decode_envelope(value, BRIDGE)
 
 
 def test_a_numeric_terminal_id_is_not_card_data_in_a_headered_txn_id() -> None:
