@@ -126,21 +126,9 @@ def test_the_first_record_header_decides_and_other_headers_are_ignored() -> None
     assert isinstance(decode_envelope(value, mixed), IngestEnvelope)
 
 
-_DROP = object()
-
-
-def _changed(kind: str, path: str, value: object = _DROP) -> bytes:
-    """The bridge's record of the ``kind`` sample with one dotted field set (or dropped)."""
-    doc = json.loads(_bridge_value(kind))
-    *parents, leaf = path.split(".")
-    node = doc
-    for parent in parents:
-        node = node[parent]
-    if value is _DROP:
-        del node[leaf]
-    else:
-        node[leaf] = value
-    return json.dumps(doc).encode()
+def _changed(kind: str, path: str, value: object = samples.REMOVE) -> bytes:
+    """The bridge's record of the ``kind`` sample with one dotted field set (or removed)."""
+    return json.dumps(samples.apply(json.loads(_bridge_value(kind)), {path: value})).encode()
 
 
 @pytest.mark.parametrize(
