@@ -31,7 +31,6 @@ __all__ = [
     "find_card_data",
     "identifier_runs",
     "luhn_valid",
-    "may_hold_card_number",
     "redact",
 ]
 
@@ -153,16 +152,6 @@ def identifier_runs(*identifiers: str) -> frozenset[str]:
 def _encode(text: str) -> bytes:
     # Every non-ASCII character becomes one "?": card data is ASCII, and offsets stay the same.
     return text.encode("ascii", "replace")
-
-
-def may_hold_card_number(raw: bytes) -> bool:
-    """The pre-filter alone, on UTF-8 bytes (about 1 µs for a 700-byte record): False means
-    ``find_card_data`` finds no card number and no track data in this text.
-
-    Card-named JSON keys (``cvv``, ``pan``, ...) are not looked for: use it only where
-    such keys cannot occur (a decoder that refuses unknown fields).
-    """
-    return raw.translate(_SIG_TABLE).find(_ZEROS12) != -1
 
 
 def _maybe_key(raw: bytes) -> bool:

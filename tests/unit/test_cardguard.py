@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from posflow.contracts import find_card_data, luhn_valid, redact
-from posflow.contracts.cardguard import identifier_runs, may_hold_card_number
+from posflow.contracts.cardguard import identifier_runs
 
 VISA = "4111111111111111"
 AMEX = "378282246310005"
@@ -52,9 +52,6 @@ def test_luhn_rejects_a_wrong_check_digit(number: str) -> None:
 )
 def test_find_card_data_describes_what_it_found(text: str, description: str) -> None:
     assert find_card_data(text) == description
-    # The pre-filter alone never misses a card number or a track (it skips key names).
-    if "field" not in description:
-        assert may_hold_card_number(text.encode())
 
 
 @pytest.mark.parametrize(
@@ -136,9 +133,3 @@ def test_redacted_text_has_no_card_data_left() -> None:
     redacted = redact(text)
     assert find_card_data(redacted) is None
     assert redact(redacted) == redacted
-
-
-def test_the_pre_filter_passes_text_without_a_long_digit_run() -> None:
-    assert not may_hold_card_number(b'{"ts": "2026-11-23T16:06:50.123Z", "uptime_s": 86400}')
-    assert not may_hold_card_number("é 4111 111x 1111 111".encode())
-    assert may_hold_card_number(b"4111 1111 1111 1")

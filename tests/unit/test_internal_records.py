@@ -173,6 +173,32 @@ def test_a_broken_headered_record_is_refused_with_its_reason_and_field(
         decode_envelope(value, BRIDGE)
 
 
+def _leaves(node: dict[str, Any], path: str = "") -> list[str]:
+    """Every field's dotted path in a JSON document (objects only)."""
+    out = []
+    for key, value in node.items():
+        here = f"{path}{key}"
+        out += _leaves(value, f"{here}.") if isinstance(value, dict) else [here]
+    return out
+
+
+@pytest.mark.parametrize("kind", ["telemetry", "txn", "status"])
+def test_a_card_number_in_any_field_of_a_headered_record_is_refused(kind: str) -> None:
+    # Each field in turn holds a card number, as text and as an integer: the record must
+    # be refused (card data, or a type/range/pattern/identity error), never accepted.
+    doc = json.loads(_bridge_value(kind))
+    accepted = []
+    for path in _leaves(doc):
+        for card in (CARD, CARD.replace(" ", ""), int(CARD.replace(" ", ""))):
+            value = json.dumps(samples.apply(doc, {path: card})).encode()
+            try:
+                decode_envelope(value, BRIDGE)
+            except ContractError:
+                continue
+            accepted.append((path, card))
+    assert accepted == []
+
+
 def test_a_numeric_terminal_id_is_not_card_data_in_a_headered_txn_id() -> None:
     terminal = "4111111111111111"  # a serial that happens to pass Luhn: an identifier
     body = samples.txn(terminal_id=terminal, txn_id=f"{terminal}:000042")
