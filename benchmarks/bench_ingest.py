@@ -13,6 +13,9 @@ Phases, in one run on the same machine:
   live       one bridge under a steady publisher (--rate msgs/s): produce latency
              without a backlog (the drain phases measure it behind a full window)
 
+Bridge phases also report the bridge processes' CPU per message (utime + stime from
+/proc/self/stat of each bridge process, start to drained, summed over processes).
+
 Usage:
   .venv/bin/python benchmarks/bench_ingest.py --messages 60000 --terminals 2000
 """
@@ -209,21 +212,30 @@ class _RecordingMetrics(BridgeMetrics):
         hist.observe = observe  # type: ignore[method-assign,assignment]
 
 
+def _cpu_s() -> float:
+    """This process's CPU seconds (utime + stime, all threads) from /proc/self/stat."""
+    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def _run_bridge(settings: Settings, messages: int, out: mp.Queue) -> None:  # type: ignore[type-arg]
     metrics = _RecordingMetrics()
     bridge = Bridge(settings, metrics)
+    cpu = _cpu_s()
     started = time.monotonic()
     await bridge.start()
     deadline = started + TIME_LIMIT_S
     while len(metrics.latencies) < messages and time.monotonic() < deadline:
         await asyncio.sleep(0.02)  # polling a counter keeps the bridge's hot path untouched
     seconds = time.monotonic() - started
+    cpu = _cpu_s() - cpu
     await bridge.stop()
     lat = sorted(metrics.latencies)
     out.put(
         {
             "count": len(lat),
             "seconds": seconds,
+            "cpu_s": cpu,
             "p50_ms": 1000 * lat[len(lat) // 2] if lat else None,
             "p95_ms": 1000 * lat[int(len(lat) * 0.95)] if lat else None,
             "p99_ms": 1000 * lat[int(len(lat) * 0.99)] if lat else None,
@@ -346,12 +358,16 @@ def main() -> None:
             "p95_ms": max(r["p95_ms"] or 0 for r in results),
             "p99_ms": max(r["p99_ms"] or 0 for r in results),
             "dead_letters": sum(r["dead_letters"] for r in results),
+            "cpu_s": sum(r["cpu_s"] for r in results),
         }
         rows.append((phase, pub_rate, total))
 
     print()
-    print("| phase | processes | messages | seconds | msgs/s | produce p50 ms | p95 ms | p99 ms |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| phase | processes | messages | seconds | msgs/s | produce p50 ms | p95 ms | p99 ms "
+        "| bridge CPU µs/msg |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for phase, pub, measured in rows:
         procs = 2 if phase == "bridge2" else 1
         r = measured
@@ -364,7 +380,11 @@ def main() -> None:
             if "p50_ms" in r
             else "- | - | -"
         )
-        print(f"| {phase} | {procs} | {r['count']} | {r['seconds']:.2f} | {rate:,.0f} | {lat} |")
+        cpu = f"{r['cpu_s'] / r['count'] * 1e6:.1f}" if r.get("cpu_s") and r["count"] else "-"
+        print(
+            f"| {phase} | {procs} | {r['count']} | {r['seconds']:.2f} | {rate:,.0f} | {lat} "
+            f"| {cpu} |"
+        )
     print()
     for phase, pub, r in rows:
         print(f"# {phase}: preload publish rate {pub:,.0f} msgs/s; {r}")

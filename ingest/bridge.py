@@ -31,6 +31,7 @@ from ingest._mqtt import BufferedClient, LoopDriver
 from ingest.forwarder import KafkaForwarder, PendingRecord
 from ingest.metrics import BridgeMetrics
 from posflow.contracts import Accepted, Kind, validate_message
+from posflow.contracts.internal import BRIDGE_HEADER
 from posflow.runtime import Backoff
 from posflow.security.tls import service_mqtt_endpoint
 from posflow.settings import Settings
@@ -178,6 +179,8 @@ class Bridge:
                 mid=mid,
                 qos=qos,
                 received=received,
+                # Validated here, once: consumers decode it without validating it again.
+                headers=[BRIDGE_HEADER],
             )
         else:
             dead = result.dead_letter

@@ -43,6 +43,9 @@ class PendingRecord:
     mid: int
     qos: int
     received: float  # time.monotonic() at receipt
+    # Kafka record headers: an envelope carries the bridge's mark (contracts/internal.py).
+    # aiokafka's record builder takes a list (a tuple is refused) or None.
+    headers: list[tuple[str, bytes]] | None = None
 
 
 class KafkaForwarder:
@@ -116,12 +119,19 @@ class KafkaForwarder:
             chunk: list[PendingRecord] = []
             for record in group:
                 self._pending[id(record)] = record.received
-                if builder.append(key=record.key, value=record.value, timestamp=None) is None:
+                if self._append(builder, record) is None:
                     await self._submit(builder, topic, partition, chunk)
                     builder, chunk = self._producer.create_batch(), []
-                    builder.append(key=record.key, value=record.value, timestamp=None)
+                    self._append(builder, record)
                 chunk.append(record)
             await self._submit(builder, topic, partition, chunk)
+
+    @staticmethod
+    def _append(builder: Any, record: PendingRecord) -> object:
+        """The record into the batch; None if the batch is full."""
+        return builder.append(
+            key=record.key, value=record.value, timestamp=None, headers=record.headers
+        )
 
     async def _submit(
         self, builder: Any, topic: str, partition: int, chunk: list[PendingRecord]
@@ -147,7 +157,9 @@ class KafkaForwarder:
         assert self._producer is not None  # noqa: S101 - started in start()
         self._pending[id(record)] = record.received
         try:
-            future = await self._producer.send(record.topic, record.value, key=record.key)
+            future = await self._producer.send(
+                record.topic, record.value, key=record.key, headers=record.headers
+            )
         except KafkaError as exc:
             self._failed(record, exc)
             return

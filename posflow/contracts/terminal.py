@@ -19,6 +19,8 @@ from posflow.contracts.cardguard import find_card_data
 __all__ = [
     "ISO_4217_CODES",
     "MAX_AMOUNT_MINOR",
+    "NEEDS_ORIGINAL",
+    "NO_ORIGINAL",
     "Battery",
     "Location",
     "Printer",
@@ -125,8 +127,8 @@ class Telemetry(_Payload):
 
 TxnType = Literal["sale", "refund", "void", "preauth", "capture", "reversal"]
 # Types that act on an earlier transaction, and those that never do; a refund may be either.
-_NEEDS_ORIGINAL = frozenset({"void", "capture", "reversal"})
-_NO_ORIGINAL = frozenset({"sale", "preauth"})
+NEEDS_ORIGINAL = frozenset({"void", "capture", "reversal"})
+NO_ORIGINAL = frozenset({"sale", "preauth"})
 
 
 class Transaction(_Payload):
@@ -165,13 +167,13 @@ class Transaction(_Payload):
 
     @model_validator(mode="after")
     def _original_matches_type(self) -> Self:
-        if self.original_txn_id is None and self.type in _NEEDS_ORIGINAL:
+        if self.original_txn_id is None and self.type in NEEDS_ORIGINAL:
             raise PydanticCustomError(
                 "missing_related_field",
                 "is required for a {type}: the txn_id it acts on",
                 {"field": "original_txn_id", "type": self.type},
             )
-        if self.original_txn_id is not None and self.type in _NO_ORIGINAL:
+        if self.original_txn_id is not None and self.type in NO_ORIGINAL:
             raise PydanticCustomError(
                 "unexpected_related_field",
                 "must be null for a {type}, which acts on no earlier transaction",

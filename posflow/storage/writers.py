@@ -21,7 +21,8 @@ from collections.abc import Mapping, Sequence
 
 import psycopg
 
-from posflow.contracts import IngestEnvelope, Telemetry, Transaction
+from posflow.contracts import Telemetry, Transaction
+from posflow.contracts.internal import BridgeTelemetry, BridgeTransaction, DecodedEnvelope
 from posflow.storage.migrate import StoragePath
 
 __all__ = ["TELEMETRY_COLUMNS", "TRANSACTION_COLUMNS", "TelemetryWriter", "TransactionWriter"]
@@ -75,7 +76,7 @@ _ROLLUP = """
 )"""
 
 
-def _signal_dbm(t: Telemetry) -> int | None:
+def _signal_dbm(t: Telemetry | BridgeTelemetry) -> int | None:
     """One strength figure per sample: RSRP for LTE/5G, else RSSI, else Wi-Fi RSSI."""
     s = t.signal
     if s.rsrp_dbm is not None:
@@ -85,9 +86,9 @@ def _signal_dbm(t: Telemetry) -> int | None:
     return s.wifi_rssi_dbm
 
 
-def telemetry_row(envelope: IngestEnvelope) -> tuple[object, ...]:
+def telemetry_row(envelope: DecodedEnvelope) -> tuple[object, ...]:
     t = envelope.payload
-    assert isinstance(t, Telemetry)  # noqa: S101 - the caller routes by kind
+    assert isinstance(t, Telemetry | BridgeTelemetry)  # noqa: S101 - the caller routes by kind
     loc = t.location
     return (
         t.ts, t.terminal_id, t.merchant_id, t.seq, envelope.received_at,
@@ -100,9 +101,9 @@ def telemetry_row(envelope: IngestEnvelope) -> tuple[object, ...]:
     )  # fmt: skip
 
 
-def transaction_row(envelope: IngestEnvelope) -> tuple[object, ...]:
+def transaction_row(envelope: DecodedEnvelope) -> tuple[object, ...]:
     t = envelope.payload
-    assert isinstance(t, Transaction)  # noqa: S101 - the caller routes by kind
+    assert isinstance(t, Transaction | BridgeTransaction)  # noqa: S101 - the caller routes by kind
     return (
         t.ts, t.txn_id, t.merchant_id, t.terminal_id, t.type, t.status, t.amount_minor,
         t.tip_minor, t.currency, t.decline_code, t.auth_latency_ms, t.scheme, t.entry_mode,
@@ -196,7 +197,7 @@ class TelemetryWriter(_CopyInsert):
             + " SELECT (SELECT count(*) FROM inserted)"
         )
 
-    def write(self, envelopes: Sequence[IngestEnvelope]) -> int:
+    def write(self, envelopes: Sequence[DecodedEnvelope]) -> int:
         return self._write([telemetry_row(e) for e in envelopes])
 
 
@@ -208,5 +209,5 @@ class TransactionWriter(_CopyInsert):
     conflict = "txn_id, ts"
     synchronous = True
 
-    def write(self, envelopes: Sequence[IngestEnvelope]) -> int:
+    def write(self, envelopes: Sequence[DecodedEnvelope]) -> int:
         return self._write([transaction_row(e) for e in envelopes])

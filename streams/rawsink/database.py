@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 
-from posflow.contracts import IngestEnvelope
+from posflow.contracts.internal import DecodedEnvelope
 from posflow.storage.migrate import StoragePath
 from posflow.storage.writers import TelemetryWriter, TransactionWriter
 
@@ -24,7 +24,7 @@ __all__ = ["RECORD_FAULTS", "Refused", "SinkDatabase", "write_isolating"]
 RECORD_FAULTS = (psycopg.DataError, psycopg.IntegrityError)
 
 # Envelopes the database refused, with its words.
-Refused = list[tuple[IngestEnvelope, str]]
+Refused = list[tuple[DecodedEnvelope, str]]
 
 
 class SinkDatabase:
@@ -77,8 +77,8 @@ class SinkDatabase:
 
 
 def write_isolating(
-    write: Callable[[Sequence[IngestEnvelope]], int],
-    envelopes: Sequence[IngestEnvelope],
+    write: Callable[[Sequence[DecodedEnvelope]], int],
+    envelopes: Sequence[DecodedEnvelope],
     refused: Refused,
     db: SinkDatabase,
 ) -> int:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import bisect
+import collections
+import math
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from posflow.storage.jobs import JobStat
 
-__all__ = ["RawSinkMetrics"]
+__all__ = ["RawSinkMetrics", "observe_many"]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 _BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 25_000)
@@ -85,3 +90,19 @@ class RawSinkMetrics:
             self.scheduler_failures.labels(stat.job).set(stat.total_failures)
             finish = stat.last_successful_finish
             self.scheduler_last_success.labels(stat.job).set(finish.timestamp() if finish else 0)
+
+
+def observe_many(histogram: Histogram, amounts: Sequence[float]) -> None:
+    """``histogram.observe(a)`` for each amount, in one pass per batch.
+
+    The same buckets and sum as one ``observe`` each (an amount lands in the first bucket
+    whose bound is >= it), but one C bisect per amount and one increment per bucket instead
+    of prometheus_client's locked Python loop over the bounds per call: two observations a
+    record cost the raw sink about 5 µs a record, as much as decoding it.
+    """
+    if not amounts:
+        return
+    bounds = histogram._upper_bounds
+    for index, count in collections.Counter(bisect.bisect_left(bounds, a) for a in amounts).items():
+        histogram._buckets[index].inc(count)
+    histogram._sum.inc(math.fsum(amounts))

@@ -13,16 +13,8 @@ from typing import TypeAlias
 
 from aiokafka.structs import ConsumerRecord
 
-from posflow.contracts import (
-    ContractError,
-    DeadLetter,
-    IngestEnvelope,
-    Kind,
-    Reason,
-    find_card_data,
-    redact,
-)
-from posflow.contracts.cardguard import identifier_runs
+from posflow.contracts import ContractError, DeadLetter, Kind, Reason, redact
+from posflow.contracts.internal import DecodedEnvelope, decode_envelope
 from posflow.contracts.records import PAYLOAD_PREVIEW_CHARS
 
 __all__ = ["Record", "Rejection", "Sorted", "dead_letter", "refused_by_database", "sort_records"]
@@ -45,8 +37,8 @@ class Rejection:
 class Sorted:
     """One Kafka batch, sorted by destination."""
 
-    telemetry: list[IngestEnvelope] = field(default_factory=list)
-    transactions: list[IngestEnvelope] = field(default_factory=list)
+    telemetry: list[DecodedEnvelope] = field(default_factory=list)
+    transactions: list[DecodedEnvelope] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     dead_letters: list[Record] = field(default_factory=list)  # to count, per minute and reason
     # id(envelope) -> its record, to dead-letter a row the database refuses.
@@ -60,11 +52,12 @@ def sort_records(
     txn_topic: str,
     deadletter_topic: str | None = None,
 ) -> Sorted:
-    """Parse each record as an ingest envelope of the kind its topic carries.
+    """Decode each record as an ingest envelope of the kind its topic carries.
 
-    A record is rejected if it is not a valid envelope (JSON, contract), holds a
-    kind other than its topic's, or carries card data (the bridge refuses those at
-    the edge; a record from any other producer is checked here again).
+    A record the bridge marked as its own (header ``posflow-record: bridge/1``) gets
+    the typed decoder; any other record the full contract check and card scan
+    (:func:`~posflow.contracts.internal.decode_envelope`). A record is rejected if it
+    is not a valid envelope, holds a kind other than its topic's, or carries card data.
     """
     out = Sorted()
     expected = {telemetry_topic: Kind.TELEMETRY, txn_topic: Kind.TXN}
@@ -72,9 +65,8 @@ def sort_records(
         if record.topic == deadletter_topic:
             out.dead_letters.append(record)
             continue
-        raw = record.value or b""
         try:
-            envelope = IngestEnvelope.from_json(raw)
+            envelope = decode_envelope(record.value, record.headers)
         except ContractError as exc:
             out.rejected.append(Rejection(record, exc))
             continue
@@ -88,16 +80,6 @@ def sort_records(
             )
             out.rejected.append(Rejection(record, error))
             continue
-        found = find_card_data(
-            raw.decode("utf-8", "replace"),
-            ignore=identifier_runs(envelope.merchant_id, envelope.terminal_id),
-        )
-        if found is not None:
-            error = ContractError(
-                Reason.CARD_DATA, f"the envelope contains {found}; it is not stored"
-            )
-            out.rejected.append(Rejection(record, error))
-            continue
         out.origin[id(envelope)] = record
         if kind is Kind.TELEMETRY:
             out.telemetry.append(envelope)
@@ -106,7 +88,7 @@ def sort_records(
     return out
 
 
-def refused_by_database(batch: Sorted, envelope: IngestEnvelope, why: str) -> Rejection:
+def refused_by_database(batch: Sorted, envelope: DecodedEnvelope, why: str) -> Rejection:
     """The rejection of an envelope the database refused, with its record."""
     error = ContractError(
         Reason.INVALID_VALUE,

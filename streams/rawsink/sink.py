@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from posflow.contracts import Transaction
+from posflow.contracts import Kind
 from posflow.kafkalag import ConsumerLag
 from posflow.runtime import Backoff
 from posflow.security.tls import kafka_ssl_options, postgres_dsn
@@ -27,7 +27,7 @@ from posflow.storage.migrate import StoragePath
 from posflow.topics import topic_names
 from streams.rawsink.commit import DurableCommits, Written
 from streams.rawsink.database import Refused, SinkDatabase, write_isolating
-from streams.rawsink.metrics import RawSinkMetrics
+from streams.rawsink.metrics import RawSinkMetrics, observe_many
 from streams.rawsink.records import (
     Rejection,
     Sorted,
@@ -134,7 +134,7 @@ class RawSink:
     async def step(self, stop: asyncio.Event | None = None) -> int:
         """Read and parse one batch while the previous one is written; then start writing it.
 
-        Parsing (pydantic, in this thread) overlaps the previous batch's database write
+        Decoding (in this thread) overlaps the previous batch's database write
         (PostgreSQL's work, in another process): at most one batch is in flight, and
         batches complete in order. Returns how many records the batch had.
         """
@@ -230,7 +230,7 @@ class RawSink:
         except psycopg.Error:
             db.close()  # reconnect, with fresh writers, on the next attempt
             raise
-        refused_tel = sum(1 for e, _ in refused if not isinstance(e.payload, Transaction))
+        refused_tel = sum(1 for e, _ in refused if e.kind is not Kind.TXN)
         self.metrics.rows.labels("telemetry").inc(tel)
         self.metrics.rows.labels("transactions").inc(txn)
         self.metrics.dead_letters_counted.inc(counted)
@@ -242,17 +242,20 @@ class RawSink:
 
     def _observe_latency(self, batch: Sorted, refused: Refused, committed: datetime) -> None:
         skip = {id(e) for e, _ in refused}
+        now = committed.timestamp()
         for table, envelopes in (
             ("telemetry", batch.telemetry),
             ("transactions", batch.transactions),
         ):
-            received = self.metrics.end_to_end.labels(table, "received")
-            terminal = self.metrics.end_to_end.labels(table, "terminal")
-            for env in envelopes:
-                if id(env) in skip:
-                    continue
-                received.observe(max((committed - env.received_at).total_seconds(), 0.0))
-                terminal.observe(max((committed - env.payload.ts).total_seconds(), 0.0))
+            kept = [e for e in envelopes if id(e) not in skip] if skip else envelopes
+            observe_many(
+                self.metrics.end_to_end.labels(table, "received"),
+                [max(now - e.received_at.timestamp(), 0.0) for e in kept],
+            )
+            observe_many(
+                self.metrics.end_to_end.labels(table, "terminal"),
+                [max(now - e.payload.ts.timestamp(), 0.0) for e in kept],
+            )
 
     async def _send_dead_letters(self, rejected: list[Rejection]) -> None:
         if not rejected:

@@ -224,6 +224,49 @@ async def test_every_kind_of_bad_input_is_dead_lettered_with_its_reason(
     assert bridge.metrics.dead_lettered.labels("card_data")._value.get() == 1
 
 
+async def _raw_records(
+    settings: Settings, topic: str, count: int, seconds: float = 30
+) -> list[Any]:
+    """The first ``count`` records of ``topic`` as aiokafka gives them (headers included)."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=settings.kafka.bootstrap, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    out: list[Any] = []
+    try:
+        deadline = time.monotonic() + seconds
+        while len(out) < count and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            out += [r for records in batch.values() for r in records]
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def test_the_bridge_marks_its_envelopes_for_the_fast_decoder_and_not_its_dead_letters(
+    isolated: Settings, bridge: Bridge, publisher: Publisher
+) -> None:
+    from posflow.contracts.internal import BRIDGE_HEADER, BridgeEnvelope, decode_envelope
+
+    merchant = merchant_of(isolated)
+    bodies = {
+        "telemetry": samples.telemetry(ts=NOW, merchant_id=merchant),
+        "txn": samples.txn(ts=NOW, merchant_id=merchant),
+        "status": samples.status(ts=NOW, merchant_id=merchant),
+    }
+    for kind, body in bodies.items():
+        publisher.publish(f"pos/v1/{merchant}/T-0001/{kind}", json.dumps(body))
+    publisher.publish(f"pos/v1/{merchant}/T-0001/telemetry", b'{"v": 1')
+    for kind, body in bodies.items():
+        [record] = await _raw_records(isolated, topic_of(isolated, kind), 1)
+        assert list(record.headers) == [BRIDGE_HEADER], kind
+        decoded = decode_envelope(record.value, record.headers)
+        assert isinstance(decoded, BridgeEnvelope), kind
+        assert (decoded.kind, decoded.payload.seq) == (kind, body["seq"])
+    [letter] = await _raw_records(isolated, topic_of(isolated, "deadletter"), 1)
+    assert list(letter.headers) == []
+
+
 async def test_readyz_reports_ready_and_metrics_count_messages(
     isolated: Settings, bridge: Bridge, publisher: Publisher
 ) -> None:

@@ -31,6 +31,7 @@ from posflow.contracts import (
     Transaction,
     validate_message,
 )
+from posflow.contracts.internal import BRIDGE_HEADER, RECORD_HEADER
 from posflow.settings import PostgresSettings, Settings
 from posflow.storage import migrate
 from tests.conftest import ROOT, free_port, unique
@@ -104,14 +105,18 @@ def _txn(terminal: str, n: int, ts: datetime, amount: int, tip: int = 0) -> Inge
     return _envelope("txn", body, ts + timedelta(milliseconds=300))
 
 
-async def _produce(env: Env, records: list[tuple[str, bytes, bytes]]) -> None:
+async def _produce(
+    env: Env,
+    records: list[tuple[str, bytes, bytes]],
+    headers: list[tuple[str, bytes]] | None = None,
+) -> None:
     producer = AIOKafkaProducer(
         bootstrap_servers=env.settings.kafka.bootstrap, acks="all", enable_idempotence=True
     )
     await producer.start()
     try:
         for topic, key, value in records:
-            await producer.send(env.topic(topic), value, key=key)
+            await producer.send(env.topic(topic), value, key=key, headers=headers)
         await producer.flush()
     finally:
         await producer.stop()
@@ -338,6 +343,65 @@ async def test_sink_writes_exact_rows_once_dead_letters_bad_records_and_keeps_go
         _kill(proc)
     committed, end = await _committed_vs_end(env)
     assert committed == end  # the drain committed everything it wrote
+
+
+async def test_a_record_without_the_bridge_header_is_fully_validated_and_a_forged_one_refused(
+    env: Env,
+) -> None:
+    ts = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
+
+    def edited(envelope: IngestEnvelope, old: bytes, new: bytes) -> tuple[str, bytes, bytes]:
+        [(topic, key, value)] = _records([envelope])
+        assert old in value
+        return topic, key, value.replace(old, new)
+
+    # A sale naming an original transaction breaks a rule only the full contract checks.
+    relation = edited(_txn("T-1", 1, ts, 100), b'"original_txn_id":null', b'"original_txn_id":"x"')
+    plain = [*_records([_telemetry("T-1", 1, ts, 50, -90)]), relation]
+    # Records claiming to come from the bridge, with content its typed decoder refuses.
+    forged = [
+        *_records([_telemetry("T-2", 1, ts, 60, -91)]),
+        edited(_telemetry("T-2", 2, ts, 61, -92), b'"level_pct":61', b'"level_pct":"61"'),
+        edited(_telemetry("T-2", 3, ts, 62, -93), b'"Telstra"', f'"{CARD}"'.encode()),
+    ]
+    # A version of the mark this sink does not know: the full check, as if unmarked.
+    unknown = [edited(_txn("T-3", 2, ts, 200), b'"original_txn_id":null', b'"original_txn_id":"y"')]
+    await _produce(env, plain)
+    await _produce(env, forged, headers=[BRIDGE_HEADER])
+    await _produce(env, unknown, headers=[(RECORD_HEADER, b"bridge/99")])
+
+    proc = env.start()
+    try:
+        await _wait(lambda: _count(env.pg, "telemetry") == 2, 30, "two telemetry rows")
+        letters: list[DeadLetter] = []
+        deadline = time.monotonic() + 20
+        while len(letters) < 4 and time.monotonic() < deadline:
+            letters = [DeadLetter.from_json(v) for v in await _read_all(env, "deadletter")]
+        got = sorted((d.reason.value, d.field, d.original_topic.split("/")[0]) for d in letters)
+        assert got == [
+            ("card_data", None, env.topic("telemetry")),
+            ("invalid_value", "payload.original_txn_id", env.topic("txn")),
+            ("invalid_value", "payload.original_txn_id", env.topic("txn")),
+            ("wrong_type", "payload.battery.level_pct", env.topic("telemetry")),
+        ]
+        # The typed decoder's refusals say so; the unmarked and unknown-version records
+        # were refused in the pydantic contract's words (the full check ran).
+        forged_letters = [d for d in letters if d.reason.value in ("card_data", "wrong_type")]
+        assert all("bridge record" in d.message for d in forged_letters)
+        full = [d for d in letters if d.field == "payload.original_txn_id"]
+        assert all("bridge record" not in d.message for d in full)
+        assert all("acts on no earlier transaction" in d.message for d in full)
+        assert b"4111111111111111" not in b"".join(await _read_all(env, "deadletter"))
+        assert CARD not in "".join(d.payload_redacted for d in letters)
+        stored = _query(
+            env.pg, "SELECT terminal_id, seq, battery_level_pct, carrier FROM telemetry"
+        )
+        assert sorted(stored) == [("T-1", 1, 50, "Telstra"), ("T-2", 1, 60, "Telstra")]
+        assert _count(env.pg, "transactions") == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        _kill(proc)
 
 
 async def test_sigkill_mid_stream_then_restart_stores_every_record_exactly_once(

@@ -17,6 +17,7 @@ __all__ = [
     "RECEIVED_AT",
     "REMOVE",
     "TERMINAL",
+    "apply",
     "encode",
     "status",
     "telemetry",
@@ -46,7 +47,8 @@ def encode(payload: object) -> bytes:
     return json.dumps(payload).encode()
 
 
-def _apply(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+def apply(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``base`` with the overrides (dotted keys, ``REMOVE``) applied."""
     payload = copy.deepcopy(base)
     for dotted, value in overrides.items():
         *parents, leaf = dotted.split(".")
@@ -107,12 +109,12 @@ _STATUS: Final = {**_COMMON, "kind": "status", "seq": 43, "state": "online", "re
 
 
 def telemetry(**overrides: Any) -> dict[str, Any]:
-    return _apply(_TELEMETRY, overrides)
+    return apply(_TELEMETRY, overrides)
 
 
 def txn(**overrides: Any) -> dict[str, Any]:
-    return _apply(_TXN, overrides)
+    return apply(_TXN, overrides)
 
 
 def status(**overrides: Any) -> dict[str, Any]:
-    return _apply(_STATUS, overrides)
+    return apply(_STATUS, overrides)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+import pytest
 from aiokafka.structs import ConsumerRecord
+from prometheus_client import CollectorRegistry, Histogram
 
 from posflow.contracts import Accepted, IngestEnvelope, Reason, validate_message
 from posflow.contracts.records import PAYLOAD_PREVIEW_CHARS
+from streams.rawsink.metrics import observe_many
 from streams.rawsink.records import Rejection, dead_letter, sort_records
 from tests.unit import samples
 
@@ -84,3 +87,20 @@ def test_a_long_record_is_cut_after_redaction_so_no_card_digits_survive_the_cut(
     assert len(letter.payload_redacted) <= PAYLOAD_PREVIEW_CHARS
     assert letter.payload_redacted.endswith('"note": "[RED')
     assert "4111" not in letter.payload_redacted
+
+
+def test_observing_a_batch_at_once_gives_the_buckets_and_sum_of_one_observe_each() -> None:
+    amounts = [0.0, 0.005, 0.0051, 0.3, 1.0, 1.0000001, 29.9, 30.0, 299.0, 301.0, 1e9, 0.25]
+    one, batch = CollectorRegistry(), CollectorRegistry()
+    bounds = (0.005, 0.01, 0.25, 1, 30, 300)
+    single = Histogram("h", "h", buckets=bounds, registry=one)
+    for amount in amounts:
+        single.observe(amount)
+    observe_many(Histogram("h", "h", buckets=bounds, registry=batch), amounts)
+    observe_many(Histogram("h2", "h", buckets=bounds, registry=batch), [])
+    samples_of = {s.name + str(s.labels): s.value for m in one.collect() for s in m.samples
+                  if not s.name.endswith("_created")}  # fmt: skip
+    got = {s.name + str(s.labels): s.value for m in batch.collect() for s in m.samples
+           if s.name.startswith("h_") and not s.name.endswith("_created")}  # fmt: skip
+    assert got == pytest.approx(samples_of)
+    assert samples_of["h_bucket{'le': '0.005'}"] == 2
