@@ -4,7 +4,7 @@ check gives; any other record gets the full check; a broken one is refused with 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -57,7 +57,9 @@ def _values(obj: object) -> object:
     return obj
 
 
-def _refusal(value: bytes, headers: list[tuple[str, bytes | None]]) -> tuple[Reason, str | None]:
+def _refusal(
+    value: bytes, headers: Sequence[tuple[str, bytes | None]]
+) -> tuple[Reason, str | None]:
     with pytest.raises(ContractError) as caught:
         decode_envelope(value, headers)
     return caught.value.reason, caught.value.field
