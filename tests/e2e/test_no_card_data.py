@@ -107,7 +107,14 @@ _EPOCH_MS = re.compile(r"(?<![0-9])1[0-9]{12}(?![0-9])")
 # 64-character digest holds a Luhn-valid run of 13+ digits about one time in a hundred.
 # bytea values are scanned as bytes on their own; the injected numbers are searched for
 # digits-only in the text as stored, digests included.
-_HEX_TOKEN = re.compile(r"(?<![0-9A-Za-z])(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{32,}(?![0-9A-Za-z])")
+# Alert ids are 24 lowercase hex characters of a sha256 (alerts/lifecycle.py): one with
+# 12+ digits, a "d" and 4 digits reads as track 2 data about once in a few thousand ids
+# (seen in CI: "db:public.alerts: track 2 data"). Lowercase 24+ runs are digests too;
+# real track 2 data separates with "=" or an uppercase "D", which stay scanned.
+_HEX_TOKEN = re.compile(
+    r"(?<![0-9A-Za-z])(?:(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{32,}"
+    r"|(?=[0-9a-f]*[a-f])[0-9a-f]{24,})(?![0-9A-Za-z])"
+)
 _BYTEA = re.compile(r"\\\\?x[0-9a-f]+")
 
 
