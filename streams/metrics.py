@@ -41,4 +41,11 @@ class StreamMetrics:
             ["reason"],
             registry=r,
         )
+        self.changelog_records = Counter(
+            "posflow_streams_changelog_records",
+            "terminal states written to the table's changelog, by path "
+            "(bulk: one batch per partition before a commit; faust: its per-key path)",
+            ["path"],
+            registry=r,
+        )
         self.terminals = Gauge("posflow_streams_terminals", "terminals in local state", registry=r)

@@ -444,3 +444,77 @@ async def test_a_worker_carries_on_from_state_the_previous_version_left_in_the_c
     assert [(r[0], r[5]["samples"], r[5]["signal_avg_dbm"]) for r in rows] == [
         (int(base), 3, -100.0)
     ]
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{want}}} "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_changed_states_reach_the_changelog_in_bulk_in_their_terminals_partitions(
+    health: Health,
+) -> None:
+    """The bulk changelog path (streams/changelog.py) writes what faust's table would: the
+    raw key, the state in the table's codec, in the partition the terminal's events are in
+    (so faust's recovery, which reads the changelog partitions of the partitions it is
+    assigned, finds each state); the kill-and-resume test above restores from it."""
+    import httpx
+
+    from streams.state import decode_state
+
+    health.start_worker()
+    base = _base()
+    terminals = [f"T-b{i:02d}" for i in range(30)]
+    await health.send([_tele(t, 1, base + 5) for t in terminals])
+    url = f"http://127.0.0.1:{health.env['POSFLOW_SERVICES__STREAMS']}/metrics"
+    deadline, bulk = time.monotonic() + 60, 0.0
+    async with httpx.AsyncClient() as client:
+        while time.monotonic() < deadline and bulk < len(terminals):
+            try:
+                text = (await client.get(url)).text
+            except httpx.TransportError:
+                text = ""
+            bulk = _metric(text, "posflow_streams_changelog_records_total", path="bulk")
+            await asyncio.sleep(0.5)
+    assert bulk >= len(terminals), f"bulk changelog records: {bulk}"
+
+    async def latest(topic: str) -> dict[bytes, tuple[int, bytes]]:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=health.settings.kafka.bootstrap, auto_offset_reset="earliest"
+        )
+        await consumer.start()
+        try:
+            parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+            if not parts:
+                await consumer._client.force_metadata_update()
+                parts = [
+                    TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()
+                ]
+            consumer.assign(parts)
+            await consumer.seek_to_beginning(*parts)
+            ends = await consumer.end_offsets(parts)
+            out: dict[bytes, tuple[int, bytes]] = {}
+            stop = time.monotonic() + 30
+            while time.monotonic() < stop and [
+                tp for tp in parts if await consumer.position(tp) < ends[tp]
+            ]:
+                for tp, batch in (await consumer.getmany(timeout_ms=500)).items():
+                    for record in batch:
+                        out[record.key] = (tp.partition, record.value)
+            return out
+        finally:
+            await consumer.stop()
+
+    sources = await latest(f"{health.prefix}.telemetry.v1")
+    changelog = await latest(f"{health.app_id}-terminal-state-changelog")
+    for terminal in terminals:
+        key = terminal.encode()
+        assert key in changelog, f"{terminal}: no changelog record"
+        partition, value = changelog[key]
+        assert partition == sources[key][0], f"{terminal}: changelog partition {partition}"
+        state = decode_state(value)
+        assert (state.terminal_id, state.merchant_id) == (terminal, "M-h")
+        assert (state.max_seq, state.seqs) == (1, [1]), state
