@@ -9,13 +9,13 @@ offsets, in one transaction (:meth:`alerts.live.LiveEngine.commit`).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from alerts.live import LiveEngine
@@ -30,7 +30,7 @@ log = logging.getLogger("posflow.alerts")
 def parse_record(source: str, value: bytes | None) -> tuple[str, dict[str, Any]] | None:
     """(kind, record) of a record from the ``source`` stream (health, status, telemetry,
     integrity); None for one the engine does not use; ValueError if unreadable."""
-    record = json.loads(value or b"")
+    record = orjson.loads(value or b"")
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")  # noqa: TRY004 (one error kind for bad input)
     kind = _kind_of(source, record)
