@@ -24,6 +24,7 @@ from typing import Any
 
 import faust
 import orjson
+from faust.sensors.monitor import Monitor
 from faust.serializers.codecs import Codec
 
 from posflow.cost import Handled
@@ -32,35 +33,67 @@ from posflow.security.tls import kafka_ssl_options, postgres_dsn
 from posflow.settings import Settings
 from posflow.topics import rekeyed_txn_topic, topic_names
 from streams.changelog import BulkChangelog, bulk_commit_consumer
-from streams.health import HealthApp
+from streams.health import HealthApp, Send
 from streams.metrics import StreamMetrics
 from streams.sink import HealthSink
 from streams.state import decode_state, encode_state
 from streams.window import WindowConfig
 
-__all__ = ["FlushBeforeCommit", "StateCodec", "build", "run", "run_worker"]
+__all__ = ["HealthMonitor", "StateCodec", "build", "run", "run_worker"]
 
 log = logging.getLogger("posflow.streams")
 
 
-class FlushBeforeCommit(faust.Sensor):
-    """Writes the states still changed to the table just before faust picks the offsets.
+class HealthMonitor(Monitor):
+    """faust's monitor for this app: without its per-event bookkeeping, with the commit hook.
 
-    faust calls sensors' ``on_commit_initiated`` before it picks the offsets to
-    commit, then flushes the producer (changelog included) before committing.
-    So every committed offset's effect is in the changelog, while a terminal
-    that sent ten messages since the last commit costs one changelog record,
-    not ten. Most states were written in bulk just before (streams/changelog.py);
-    this writes those changed while that write was in flight, through faust's path.
+    faust calls its sensors four times an event (message in, stream event in and out,
+    message out) and on every table read and send; its own monitor keeps counters and
+    timings there that nothing of posflow reads (the worker's metrics are its own, on
+    /metrics). Being the app's only sensor also spares faust's delegate a second call.
+
+    The commit hook: faust calls ``on_commit_initiated`` before it picks the offsets to
+    commit, then flushes its producer (changelog included) before committing. Most changed
+    states were written in bulk just before (:mod:`streams.changelog`); this writes those
+    changed while that write was in flight, through faust's per-key table path. So every
+    committed offset's effect is in the changelog, and a terminal that sent ten messages
+    since the last commit costs one changelog record, not ten.
     """
 
-    def __init__(self, health: HealthApp, table: Any) -> None:
-        super().__init__()
-        self.health = health
-        self.table = table
+    health: HealthApp | None = None
+    table: Any = None
+
+    def on_message_in(self, tp: Any, offset: int, message: Any) -> None:
+        return None
+
+    def on_stream_event_in(self, tp: Any, offset: int, stream: Any, event: Any) -> None:
+        return None
+
+    def on_stream_event_out(
+        self, tp: Any, offset: int, stream: Any, event: Any, state: Any = None
+    ) -> None:
+        return None
+
+    def on_message_out(self, tp: Any, offset: int, message: Any) -> None:
+        return None
+
+    def on_table_get(self, table: Any, key: Any) -> None:
+        return None
+
+    def on_table_set(self, table: Any, key: Any, value: Any) -> None:
+        return None
+
+    def on_send_initiated(
+        self, producer: Any, topic: str, message: Any, keysize: int, valsize: int
+    ) -> None:
+        return None
+
+    def on_send_completed(self, producer: Any, state: Any, metadata: Any) -> None:
+        return None
 
     def on_commit_initiated(self, consumer: Any) -> Any:
-        self.health.flush_dirty(self.table)
+        if self.health is not None:
+            self.health.flush_dirty(self.table)
         return super().on_commit_initiated(consumer)
 
 
@@ -75,15 +108,29 @@ class StateCodec(Codec):
         return decode_state(s)
 
 
+def _sender(app: faust.App, topic: str) -> Send:
+    """Sends to ``topic`` through faust's producer itself, not a faust topic: the record is
+    in the producer's queue when this returns, and faust flushes that producer before it
+    commits offsets (so at-least-once holds), without faust's per-record path
+    (``Topic.send`` → its buffer → sensors → callbacks), several times the cost here."""
+    producer = app.producer
+
+    async def send(key: bytes, value: bytes) -> None:
+        await producer.send(topic, key, value, None, None, None)
+
+    return send
+
+
 def _wire_changelog(settings: Settings, health: HealthApp, table: Any) -> None:
     """Changed states go to the changelog in bulk at the start of each commit (one batch
     per partition, streams/changelog.py); what changes during that write takes faust's
-    own path through the commit sensor."""
+    own path through the commit hook of the app's monitor."""
     app = health.app
     changelog = health.changelog = BulkChangelog(settings, table.changelog_topic.get_topic_name())
     transport: Any = app.transport  # its consumer class, for this app only
     transport.Consumer = bulk_commit_consumer(transport.Consumer, health.write_changelog)
-    app.sensors.add(FlushBeforeCommit(health, table))
+    monitor: Any = app.monitor
+    monitor.health, monitor.table = health, table
 
     async def stop_changelog(sender: Any, **kwargs: Any) -> None:
         # after faust stopped its consumer (and made its last commit), before its producer
@@ -95,7 +142,7 @@ def _wire_changelog(settings: Settings, health: HealthApp, table: Any) -> None:
 
 def build(settings: Settings) -> HealthApp:
     """The composition root of the health workers: the faust app with its topics, table,
-    agents, timers, metrics endpoint and commit sensor, all wired. Nothing is connected
+    agents, timers, metrics endpoint and monitor (its commit hook), all wired. Nothing is connected
     yet (the unit tests build it without Kafka or a database)."""
     k, s = settings.kafka, settings.streams
     app = faust.App(
@@ -106,6 +153,7 @@ def build(settings: Settings) -> HealthApp:
         topic_partitions=k.default_partitions,
         topic_replication_factor=1,
         web_enabled=False,
+        monitor=HealthMonitor(),
         processing_guarantee="at_least_once",
         producer_acks=-1,
         consumer_auto_offset_reset="earliest",
@@ -133,15 +181,6 @@ def build(settings: Settings) -> HealthApp:
         partitions=k.default_partitions,
     )
     txn_in = app.topic(topics.txn, key_serializer="raw", value_serializer="raw")
-    txn_by_terminal = app.topic(
-        rekeyed.name,
-        key_serializer="raw",
-        value_serializer="raw",
-        partitions=rekeyed.partitions,
-        internal=True,
-    )
-    health_out = app.topic(topics.health, key_serializer="raw", value_serializer="raw")
-    deadletters = app.topic(topics.deadletter, key_serializer="raw", value_serializer="raw")
     table: Any = app.Table(
         "terminal-state",
         key_type=bytes,
@@ -162,11 +201,8 @@ def build(settings: Settings) -> HealthApp:
         max_ahead_s=s.max_ahead_s,
     )
 
-    async def send_health(key: bytes, value: bytes) -> None:
-        await health_out.send(key=key, value=value)
-
-    async def send_dead_letter(key: bytes, value: bytes) -> None:
-        await deadletters.send(key=key, value=value)
+    send_health, send_dead_letter = _sender(app, topics.health), _sender(app, topics.deadletter)
+    send_rekeyed = _sender(app, rekeyed.name)
 
     health = HealthApp(
         settings,
@@ -197,9 +233,7 @@ def build(settings: Settings) -> HealthApp:
                     "status": p["status"],
                     "auth_latency_ms": p["auth_latency_ms"],
                 }
-                await txn_by_terminal.send(
-                    key=p["terminal_id"].encode(), value=orjson.dumps(compact)
-                )
+                await send_rekeyed(p["terminal_id"].encode(), orjson.dumps(compact))
 
     @app.agent(sources, name="health")
     async def process(stream: Any) -> None:

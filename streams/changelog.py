@@ -12,7 +12,7 @@ changelog"): :func:`bulk_commit_consumer` makes faust's consumer call
 :meth:`HealthApp.write_changelog` at the start of every commit, before faust
 picks the offsets to commit. States that change while that write is in flight
 (the agent keeps processing) are still dirty when faust picks the offsets; the
-commit sensor (:class:`streams.app.FlushBeforeCommit`) writes those few through
+commit hook of the app's monitor (:class:`streams.app.HealthMonitor`) writes those few through
 faust's own path, which faust flushes before it commits. If the bulk write fails,
 its states go back to the dirty set and take that path too.
 

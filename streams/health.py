@@ -89,7 +89,7 @@ class HealthApp:
     # Records refused with their reason, for the dead-letter topic (key, dead letter).
     refused: list[tuple[bytes, bytes]] = field(default_factory=list)
     # States changed since the last offset commit: written to the table (and so to its
-    # changelog) once per commit, not once per batch; see FlushBeforeCommit.
+    # changelog) once per commit, not once per batch; see streams.app.HealthMonitor.
     dirty: dict[bytes, State] = field(default_factory=dict)
     # Where final windows and state changes go (the health topic; a test may capture them).
     publish_to: Send | None = None
