@@ -21,9 +21,9 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from aiokafka.partitioner import DefaultPartitioner
 
 from ingest.metrics import BridgeMetrics
+from posflow.partitioning import KeyPartitioner
 from posflow.runtime import Backoff
 from posflow.security.tls import kafka_ssl_options
 from posflow.settings import Settings
@@ -66,7 +66,7 @@ class KafkaForwarder:
         self._on_health = on_health  # Kafka's health (``ok``) may have changed
         self._queue: collections.deque[PendingRecord] = collections.deque()
         self._work = asyncio.Event()
-        self._partitioner = DefaultPartitioner()
+        self._partitioner = KeyPartitioner()
         # Metric children looked up once, not per message.
         self._produced = {t: metrics.produced.labels(t) for t in topics}
         self._producer: AIOKafkaProducer | None = None
@@ -112,7 +112,7 @@ class KafkaForwarder:
             if record.topic not in partitions:
                 partitions[record.topic] = sorted(await self._producer.partitions_for(record.topic))
             every = partitions[record.topic]
-            partition = self._partitioner(record.key, every, every)
+            partition = self._partitioner(record.key, every)
             groups.setdefault((record.topic, partition), []).append(record)
         for (topic, partition), group in groups.items():
             builder = self._producer.create_batch()

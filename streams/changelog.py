@@ -30,21 +30,15 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import murmur2
 
+from posflow.partitioning import KeyPartitioner
 from posflow.security.tls import kafka_ssl_options
 from posflow.settings import Settings
 from streams.state import TerminalState, encode_state
 
-__all__ = ["BulkChangelog", "bulk_commit_consumer", "partition_for"]
+__all__ = ["BulkChangelog", "bulk_commit_consumer"]
 
 log = logging.getLogger("posflow.streams")
-
-
-def partition_for(key: bytes, partitions: list[int]) -> int:
-    """The partition aiokafka's default partitioner (and so faust's) gives ``key``."""
-    index: int = (murmur2(key) & 0x7FFFFFFF) % len(partitions)
-    return partitions[index]
 
 
 class BulkChangelog:
@@ -55,7 +49,7 @@ class BulkChangelog:
         self.topic = topic
         self._producer: AIOKafkaProducer | None = None
         self._partitions: list[int] = []
-        self._partition_of: dict[bytes, int] = {}  # a terminal's key hashes the same each time
+        self._partition_for = KeyPartitioner()
 
     async def _started(self) -> AIOKafkaProducer:
         if self._producer is None:
@@ -88,13 +82,11 @@ class BulkChangelog:
             data[key] = state
             records.append((key, encode_state(state)))
         producer = await self._started()
-        partitions, partition_of, topic = self._partitions, self._partition_of, self.topic
+        partitions, partition_for, topic = self._partitions, self._partition_for, self.topic
         batches: dict[int, Any] = {}
         sent: list[Awaitable[Any]] = []
         for key, value in records:
-            partition = partition_of.get(key)
-            if partition is None:
-                partition = partition_of[key] = partition_for(key, partitions)
+            partition = partition_for(key, partitions)
             batch = batches.get(partition)
             if batch is None:
                 batch = batches[partition] = producer.create_batch()
