@@ -87,10 +87,13 @@ class LiveEngine:
         """Reload merchants and registered terminals every ``every_s`` until ``stop``."""
         while not stop.is_set():
             await asyncio.sleep(every_s)
-            try:
-                merchants, terminals = await asyncio.to_thread(self.store.load_reference)
-            except psycopg.Error as exc:
-                log.error("reference data refresh failed: %s", exc)  # noqa: TRY400
-                continue
+            # Under the lock: the store's one connection is not used by two threads at
+            # once (a read between a batch's statements would leave its transaction open
+            # and turn every later batch into a savepoint of it).
             async with self.lock:
+                try:
+                    merchants, terminals = await asyncio.to_thread(self.store.load_reference)
+                except psycopg.Error as exc:
+                    log.error("reference data refresh failed: %s", exc)  # noqa: TRY400
+                    continue
                 self.engine.set_reference(merchants, terminals)

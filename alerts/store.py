@@ -8,12 +8,14 @@ is applied twice, no notification is lost or duplicated in the outbox.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 
 from alerts.facts import Merchant
@@ -63,6 +65,9 @@ def _write_facts(cur: psycopg.Cursor[Any], terminals: dict[str, dict[str, Any]])
         for terminal, facts in terminals.items():
             copy.write_row((terminal, orjson.dumps(facts).decode()))
     cur.execute(_UPSERT_FACTS)
+
+
+log = logging.getLogger("posflow.alerts")
 
 
 def _ts(epoch: float | None) -> datetime | None:
@@ -169,6 +174,19 @@ class AlertStore:
         ``audit`` records (an acknowledgement, a silence, a rule change) commit or roll
         back together with the change they record.
         """
+        if self.conn.info.transaction_status != TransactionStatus.IDLE:
+            # A read left its implicit transaction open: this batch would become a
+            # savepoint inside it, committed only when something commits that (and the
+            # staging table, emptied at commit, would keep the previous batch's rows).
+            log.error(
+                "the alert store's connection was left inside a transaction (%s); "
+                "ending it before writing the batch",
+                self.conn.info.transaction_status.name,
+            )
+            if self.conn.info.transaction_status == TransactionStatus.INERROR:
+                self.conn.rollback()
+            else:
+                self.conn.commit()  # only reads can be in it: every write comes here
         with self.conn.transaction(), self.conn.cursor() as cur:
             for entry in audit or ():
                 entry.write(self.conn)
