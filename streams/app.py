@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from time import monotonic
 from typing import Any
 
 import faust
@@ -50,7 +51,9 @@ class HealthMonitor(Monitor):
     faust calls its sensors four times an event (message in, stream event in and out,
     message out) and on every table read and send; its own monitor keeps counters and
     timings there that nothing of posflow reads (the worker's metrics are its own, on
-    /metrics). Being the app's only sensor also spares faust's delegate a second call.
+    /metrics), except the time each partition's stream last took an event, which faust's
+    consumer thread checks to report stalled partitions: that one is kept. Being the app's
+    only sensor also spares faust's delegate a second call.
 
     The commit hook: faust calls ``on_commit_initiated`` before it picks the offsets to
     commit, then flushes its producer (changelog included) before committing. Most changed
@@ -67,7 +70,9 @@ class HealthMonitor(Monitor):
         return None
 
     def on_stream_event_in(self, tp: Any, offset: int, stream: Any, event: Any) -> None:
-        return None
+        # The one thing faust itself reads from its monitor: its consumer thread's check
+        # for partitions whose stream stopped ("Stream has not started processing TP").
+        self.stream_inbound_time[tp] = monotonic()
 
     def on_stream_event_out(
         self, tp: Any, offset: int, stream: Any, event: Any, state: Any = None

@@ -39,7 +39,7 @@ def test_a_batch_after_a_stray_read_is_still_committed_on_its_own(
             )
             store.conn.execute("SELECT 1")  # the stray read
             with psycopg.connect(pg.dsn()) as other:  # what a restart would load
-                facts = dict(
+                facts: dict[str, int] = dict(
                     other.execute(
                         "SELECT terminal_id, (facts->>'battery')::int FROM alert_terminal_facts"
                     ).fetchall()
