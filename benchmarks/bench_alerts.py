@@ -225,12 +225,13 @@ def bench_service(events: int, terminals: int, rounds: int, before: list[str]) -
     """CPU per record of the whole alerts service (Kafka fetch, parse, rules, the batch's
     transaction), this checkout against others, on the same preloaded topic."""
     import psycopg
-    from psycopg import sql
 
     from benchmarks._common import preload_telemetry
     from benchmarks._procstat import between, mark
+    from cli.harness import stop_processes
     from posflow.settings import KafkaSettings, Settings
     from posflow.stack import ensure_topics
+    from posflow.storage.databases import drop_database
     from tests.conftest import free_port
 
     settings = Settings()
@@ -284,18 +285,9 @@ def bench_service(events: int, terminals: int, rounds: int, before: list[str]) -
                       f"{rate.events_per_s:,.0f} records/s, "
                       f"{rate.cpu_us_per_event:.0f} µs CPU a record")  # fmt: skip
             finally:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                stop_processes([proc], timeout=20)
                 with psycopg.connect(settings.postgres.dsn(), autocommit=True) as admin:
-                    admin.execute(
-                        sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                            sql.Identifier(db)
-                        )
-                    )
+                    drop_database(admin, db)
 
 
 def _records(port: int) -> float:
